@@ -1,0 +1,17 @@
+"""spank-sif: a Slurm SPANK plugin and Python package for encrypted SIF images."""
+from setuptools import find_packages, setup
+
+setup(
+    name="spank-sif",
+    version="0.1.0",
+    description="Run encrypted Singularity/Apptainer SIF images under Slurm (SPANK plugin)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["spank_sif", "spank_sif.*"]),
+    install_requires=["cffi>=1.15", "cryptography>=3.4", "pyyaml>=5.1"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["spank-sif = spank_sif.cli:main"]},
+    zip_safe=False,
+)

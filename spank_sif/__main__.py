@@ -1,0 +1,5 @@
+import sys
+
+from spank_sif.cli import main
+
+sys.exit(main())

@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["spank_sif", "spank_sif.*"]),
     install_requires=["cffi>=1.15", "cryptography>=3.4", "pyyaml>=5.1"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},

@@ -1,0 +1,173 @@
+"""The site configuration: one YAML file, a fixed schema, defaults for everything.
+
+Admins write it once per cluster (default ``/etc/slurm/spank_sif.yaml``; the plugin takes another
+path from a ``config=`` argument in plugstack.conf, the CLI from ``--config`` or ``$SPANK_SIF_CONFIG``).
+A missing file at the *default* path means "all defaults"; a file named explicitly must exist.
+Unknown keys and wrong types are errors naming the file and the key: a typo must never silently
+weaken a security setting.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from spank_sif.errors import ConfigError
+
+DEFAULT_PATH = "/etc/slurm/spank_sif.yaml"
+
+# Apptainer's names first (its precedence: PEM path, PEM data, passphrase), then the
+# SingularityCE / Singularity 3.x twins, which Apptainer itself ignores but sites still use.
+DEFAULT_KEY_VARIABLES = (
+    "APPTAINER_ENCRYPTION_PEM_PATH",
+    "APPTAINER_ENCRYPTION_PEM_DATA",
+    "APPTAINER_ENCRYPTION_PASSPHRASE",
+    "SINGULARITY_ENCRYPTION_PEM_PATH",
+    "SINGULARITY_ENCRYPTION_PEM_DATA",
+    "SINGULARITY_ENCRYPTION_PASSPHRASE",
+)
+KEY_VARIABLE_KINDS = ("_PEM_PATH", "_PEM_DATA", "_PASSPHRASE")
+LOG_LEVELS = ("error", "info", "verbose", "debug")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Every setting, with its default. Field comments are the admin documentation."""
+
+    # Where each task sees the image's root filesystem (created, root-owned, if missing).
+    mount_point: str = "/sif"
+    # Environment variables holding the user's key, in order of precedence.
+    key_variables: tuple = DEFAULT_KEY_VARIABLES
+    # Remove the key variables from the tasks' environment (keep true unless tasks need them).
+    strip_key_variables: bool = True
+    # Absolute directories an image must live under ([] = anywhere the user can read).
+    allowed_image_paths: tuple = ()
+    # Accept unencrypted (plain squashfs) images.
+    allow_unencrypted: bool = True
+    # Refuse keyslots whose KDF needs more memory than this (KiB), before running the KDF.
+    kdf_max_memory_kib: int = 1048576
+    # How many memory-hard KDFs may run at once on a node.
+    kdf_max_parallel: int = 1
+    # Root-only directory for the records that let an epilog clean up after a crash.
+    state_dir: str = "/run/spank-sif"
+    # How much the plugin logs to slurmd's log: error, info, verbose or debug.
+    log_level: str = "info"
+    # Where the settings came from (for messages); not a setting.
+    source: str = field(default="(defaults)", compare=False)
+
+
+def _check_absolute(path: str, key: str, where: str) -> str:
+    if not os.path.isabs(path) or "\0" in path:
+        raise ConfigError(f"{where}: '{key}' must be an absolute path, got {path!r}")
+    return os.path.normpath(path)
+
+
+def _expect(value, kind, key: str, where: str, what: str):
+    # bool is a subclass of int: "kdf_max_memory_kib: yes" must not pass as 1.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{key}' must be {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _validate(raw: dict, where: str) -> SiteConfig:
+    known = {f.name for f in dataclasses.fields(SiteConfig) if f.name != "source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")
+    values = {}
+    for key, value in raw.items():
+        values[key] = _CHECKS[key](value, key, where)
+    return SiteConfig(**values, source=where)
+
+
+def _mount_point(value, key, where):
+    path = _check_absolute(_expect(value, str, key, where, "a string"), key, where)
+    if path == "/":
+        raise ConfigError(f"{where}: '{key}' cannot be '/'")
+    return path
+
+
+def _key_variables(value, key, where):
+    names = _expect(value, list, key, where, "a list of environment variable names")
+    if not names:
+        raise ConfigError(f"{where}: '{key}' must name at least one variable")
+    for name in names:
+        _expect(name, str, key, where, "a list of strings")
+        if not name.replace("_", "").isalnum() or not name.endswith(KEY_VARIABLE_KINDS):
+            raise ConfigError(f"{where}: '{key}' entry {name!r} must be a variable name ending in "
+                              f"{', '.join(KEY_VARIABLE_KINDS)} (that is how its kind is known)")
+    return tuple(names)
+
+
+def _bool(value, key, where):
+    return _expect(value, bool, key, where, "true or false")
+
+
+def _paths(value, key, where):
+    paths = _expect(value, list, key, where, "a list of absolute directories")
+    return tuple(_check_absolute(_expect(p, str, key, where, "a list of strings"), key, where) for p in paths)
+
+
+def _positive(value, key, where):
+    if _expect(value, int, key, where, "a whole number") < 1:
+        raise ConfigError(f"{where}: '{key}' must be at least 1, got {value}")
+    return value
+
+
+def _log_level(value, key, where):
+    if _expect(value, str, key, where, "a string") not in LOG_LEVELS:
+        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value
+
+
+_CHECKS = {
+    "mount_point": _mount_point,
+    "key_variables": _key_variables,
+    "strip_key_variables": _bool,
+    "allowed_image_paths": _paths,
+    "allow_unencrypted": _bool,
+    "kdf_max_memory_kib": _positive,
+    "kdf_max_parallel": _positive,
+    "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
+    "log_level": _log_level,
+}
+
+
+def parse_config(text: str, where: str = "<config>") -> SiteConfig:
+    """Validate YAML text; ``where`` names it in messages."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        return SiteConfig(source=where)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping of settings, got {type(raw).__name__}")
+    return _validate(raw, where)
+
+
+def load_config(path: str | None = None) -> SiteConfig:
+    """Load the site configuration. ``path=None`` means the default path, which may be absent."""
+    explicit = path is not None
+    path = path or DEFAULT_PATH
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(1 << 20)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: site configuration file not found") from None
+        return SiteConfig()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the site configuration: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return parse_config(text, path)
+
+
+def key_kind(variable: str) -> str:
+    """'pem_path', 'pem_data' or 'passphrase', from the variable's suffix."""
+    for suffix in KEY_VARIABLE_KINDS:
+        if variable.endswith(suffix):
+            return suffix[1:].lower()
+    raise ValueError(variable)

@@ -1,0 +1,114 @@
+"""Site configuration: defaults, the shipped example, and every kind of mistake an admin can make."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from spank_sif import config
+from spank_sif.config import SiteConfig, load_config, parse_config
+from spank_sif.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "slurm-config" / "spank_sif.yaml"
+
+
+def test_shipped_example_equals_the_defaults():
+    # The example documents the defaults; it must never drift from them.
+    assert load_config(str(EXAMPLE)) == SiteConfig()
+
+
+def test_missing_default_file_means_defaults(monkeypatch, tmp_path):
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.yaml"))
+    assert load_config() == SiteConfig()
+
+
+def test_missing_explicit_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="absent.yaml: site configuration file not found"):
+        load_config(str(tmp_path / "absent.yaml"))
+
+
+def test_empty_file_means_defaults(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("# nothing set\n")
+    cfg = load_config(str(p))
+    assert cfg == SiteConfig() and cfg.source == str(p)
+
+
+def test_values_are_applied_and_normalised():
+    cfg = parse_config("""
+mount_point: /scratch/../sif-root/
+key_variables: [SITE_PASSPHRASE, APPTAINER_ENCRYPTION_PEM_PATH]
+strip_key_variables: false
+allowed_image_paths: [/project, /apps/images/]
+allow_unencrypted: false
+kdf_max_memory_kib: 65536
+kdf_max_parallel: 2
+state_dir: /run/sif-state
+log_level: debug
+""")
+    assert cfg.mount_point == "/sif-root"
+    assert cfg.key_variables == ("SITE_PASSPHRASE", "APPTAINER_ENCRYPTION_PEM_PATH")
+    assert cfg.allowed_image_paths == ("/project", "/apps/images")
+    assert (cfg.strip_key_variables, cfg.allow_unencrypted) == (False, False)
+    assert (cfg.kdf_max_memory_kib, cfg.kdf_max_parallel) == (65536, 2)
+    assert (cfg.state_dir, cfg.log_level) == ("/run/sif-state", "debug")
+
+
+BAD = [
+    ("mount_pont: /sif", "unknown key 'mount_pont'"),
+    ("mount_point: sif", "'mount_point' must be an absolute path"),
+    ("mount_point: /", "'mount_point' cannot be '/'"),
+    ("mount_point: 7", "'mount_point' must be a string, got int"),
+    ("strip_key_variables: 'no'", "'strip_key_variables' must be true or false, got str"),
+    ("allow_unencrypted: 1", "'allow_unencrypted' must be true or false, got int"),
+    ("kdf_max_memory_kib: yes", "'kdf_max_memory_kib' must be a whole number, got bool"),
+    ("kdf_max_memory_kib: 1.5", "'kdf_max_memory_kib' must be a whole number, got float"),
+    ("kdf_max_memory_kib: 0", "'kdf_max_memory_kib' must be at least 1"),
+    ("kdf_max_parallel: -3", "'kdf_max_parallel' must be at least 1"),
+    ("key_variables: APPTAINER_ENCRYPTION_PASSPHRASE", "'key_variables' must be a list"),
+    ("key_variables: []", "'key_variables' must name at least one variable"),
+    ("key_variables: [MY_KEY]", "entry 'MY_KEY' must be a variable name ending in"),
+    ("key_variables: ['A B_PASSPHRASE']", "entry 'A B_PASSPHRASE' must be a variable name"),
+    ("key_variables: [3]", "'key_variables' must be a list of strings"),
+    ("allowed_image_paths: /project", "'allowed_image_paths' must be a list of absolute directories"),
+    ("allowed_image_paths: [project]", "'allowed_image_paths' must be an absolute path"),
+    ("state_dir: run/x", "'state_dir' must be an absolute path"),
+    ("log_level: loud", "'log_level' must be one of error, info, verbose, debug"),
+    ("- a\n- b", "must be a mapping of settings, got list"),
+    ("mount_point: [unclosed", "not valid YAML at line 2"),
+    ("a: b: c", "not valid YAML at line 1"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[b[1][:40] for b in BAD])
+def test_mistakes_name_the_file_and_the_key(tmp_path, text, message):
+    p = tmp_path / "site.yaml"
+    p.write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(p))
+    assert str(err.value).startswith(f"{p}: ")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unreadable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the site configuration"):
+        load_config(str(tmp_path))  # a directory
+
+
+def test_not_utf8_is_a_config_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"mount_point: /\xff\xfe\n")
+    with pytest.raises(ConfigError, match="cannot read the site configuration"):
+        load_config(str(p))
+
+
+def test_every_setting_has_a_check():
+    settings = {f.name for f in dataclasses.fields(SiteConfig)} - {"source"}
+    assert settings == set(config._CHECKS)
+
+
+@pytest.mark.parametrize("name,kind", [("APPTAINER_ENCRYPTION_PEM_PATH", "pem_path"),
+                                       ("SINGULARITY_ENCRYPTION_PEM_DATA", "pem_data"),
+                                       ("SITE_PASSPHRASE", "passphrase")])
+def test_key_kind_comes_from_the_suffix(name, kind):
+    assert config.key_kind(name) == kind

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Installs spank-sif and everything its demo and tests need on a Debian 12 machine, as root.
+#   scripts/install.sh            system packages + /opt/spank-sif (the plugin's Python environment)
+#   scripts/install.sh --test     ... plus the test tools (pytest, hypothesis, virtme-ng)
+# The plugin runs as every job's user, so its Python must be world-readable: it is a venv made from
+# Debian's /usr/bin/python3 (which has a shared libpython), never a Python under /root.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+prefix=${SPANK_SIF_PREFIX:-/opt/spank-sif}
+with_tests=0
+[ "${1:-}" = "--test" ] && with_tests=1
+
+packages=(
+  python3 python3-venv python3-dev libpython3.11 gcc libc6-dev   # plugin build and runtime
+  cryptsetup-bin libcryptsetup12 squashfs-tools kmod util-linux    # image handling on nodes
+  slurmd slurmctld slurm-client munge libslurm-dev               # Slurm 22.05 (plugin headers, tests)
+)
+if [ $with_tests = 1 ]; then
+  packages+=(
+    qemu-system-x86 linux-image-amd64 busybox-static iproute2     # the VM harness (real dm-crypt kernel)
+    golang-go golang-github-sylabs-sif-dev                        # the reference SIF implementation
+  )
+fi
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+[ -x "$prefix/bin/python3" ] || /usr/bin/python3 -m venv "$prefix"
+"$prefix/bin/pip" install -q --upgrade pip
+if [ $with_tests = 1 ]; then
+  "$prefix/bin/pip" install -q "$here[test]" virtme-ng
+else
+  "$prefix/bin/pip" install -q "$here"
+fi
+chmod -R a+rX "$prefix"
+echo "spank-sif installed in $prefix"

@@ -67,18 +67,24 @@ def luks_format(path: Path, key: bytes, size: int, *extra: str, fast: bool = Tru
 
 
 def luks_encrypt_payload(payload: Path, out: Path, key: bytes, *extra: str, fast: bool = True) -> Path:
-    """A LUKS2 volume whose data segment holds ``payload``, encrypted by the real cryptsetup
-    (offline ``reencrypt --encrypt``, which needs no device-mapper). Data offset is 8 MiB."""
+    """A LUKS2 volume whose data segment holds ``payload``, encrypted by the real cryptsetup with
+    offline ``reencrypt --encrypt`` (no device-mapper needed), laid out as Apptainer's builder lays it
+    out: 16 MiB of header and keyslots, then exactly the payload's size of data."""
+    size = payload.stat().st_size
     shutil.copyfile(payload, out)
     with open(out, "r+b") as f:
-        f.truncate(payload.stat().st_size + 16 * 1024 * 1024)
+        f.truncate(size + 32 * 1024 * 1024)
     keyfile = out.with_suffix(".keyfile")
     keyfile.write_bytes(key)
     try:
+        # Reducing by 32 MiB puts the data segment at 16 MiB; the extra 16 MiB at the tail is scratch
+        # space for the reencryption, cut off afterwards (the segment is "dynamic": to the device end).
         run("cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--batch-mode",
-            *(FAST_PBKDF if fast else []), *extra, "--reduce-device-size", "16M", "--key-file", keyfile, out)
+            *(FAST_PBKDF if fast else []), *extra, "--reduce-device-size", "32M", "--key-file", keyfile, out)
     finally:
         keyfile.unlink()
+    with open(out, "r+b") as f:
+        f.truncate(size + 16 * 1024 * 1024)
     return out
 
 

@@ -1,0 +1,280 @@
+"""The user's key: where it comes from, how a PEM key unwraps the image's LUKS passphrase, Secret.
+
+Apptainer's two modes (notes/sif-format.md section 7):
+- passphrase: the LUKS passphrase is the variable's bytes, exactly (no newline stripped);
+- PEM: the image holds a crypto message (PEM ``MESSAGE`` around a DER OCTET STRING) with 64 random
+  bytes RSA-OAEP-wrapped (SHA-256, MGF1-SHA-256, empty label) to the user's public key, in k-byte
+  chunks (Apptainer >= 1.2); the 64 unwrapped bytes are the LUKS passphrase.
+
+Errors name the variable (and a key file's path), never the secret. Secrets are kept in bytearrays
+that are zeroed after use. Python cannot zero the immutable copies that libraries make on the way
+(``os.environ`` strings, the PEM text returned by a file read, OpenSSL's key object), so this is
+damage limitation, not a guarantee; nothing here ever writes a secret anywhere.
+"""
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from spank_sif.config import DEFAULT_KEY_VARIABLES  # noqa: F401  (re-exported: the precedence list)
+from spank_sif.errors import ImageError, KeyMaterialError, WrongKeyError
+
+KINDS = {"_PEM_PATH": "pem_path", "_PEM_DATA": "pem_data", "_PASSPHRASE": "passphrase"}
+MAX_PEM_FILE = 1 << 20  # a 16384-bit key is 12 KB; anything near this is not a key
+MAX_MESSAGE = 64 << 10  # a crypto message for a 16384-bit key is about 3 KB
+OAEP_OVERHEAD = 66  # 2 * SHA-256 size + 2: the largest plaintext chunk is k - 66 bytes
+
+
+class Secret:
+    """Owns secret bytes in a bytearray; ``wipe()`` (or leaving the ``with`` block) zeroes them."""
+
+    __slots__ = ("_buf", "_wiped")
+
+    def __init__(self, data=b""):
+        # Adopt a bytearray as is (no second copy to forget); copy anything else.
+        self._buf = data if isinstance(data, bytearray) else bytearray(data)
+        self._wiped = False
+
+    @property
+    def value(self) -> bytearray:
+        if self._wiped:
+            raise ValueError("secret already wiped")
+        return self._buf
+
+    def wipe(self) -> None:
+        self._buf[:] = bytes(len(self._buf))  # same-length slice assignment zeroes in place
+        self._wiped = True
+
+    def __len__(self):
+        return len(self._buf)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.wipe()
+
+    def __del__(self):
+        self.wipe()
+
+    def __repr__(self):
+        return f"<Secret {len(self._buf)} bytes{' wiped' if self._wiped else ''}>"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # never pickled into a file or another process by accident
+        raise TypeError("a Secret cannot be pickled")
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where the key comes from. ``variable`` is what messages name (an environment variable, or a
+    command-line option). ``path`` for ``pem_path``; ``secret`` holds the passphrase or PEM text."""
+
+    kind: str  # "passphrase", "pem_path" or "pem_data"
+    variable: str
+    path: str = ""
+    secret: Secret | None = field(default=None, repr=False, compare=False)
+
+    def describe(self) -> str:
+        return f"{self.variable}={self.path}" if self.kind == "pem_path" else self.variable
+
+
+def kind_of(variable: str) -> str:
+    """The kind of key a variable holds, from its suffix (config.py enforces one of them)."""
+    for suffix, kind in KINDS.items():
+        if variable.endswith(suffix):
+            return kind
+    raise KeyMaterialError(f"{variable}: not a key variable (must end in {', '.join(KINDS)})")
+
+
+def find_key_source(env: Mapping[str, str], variables=DEFAULT_KEY_VARIABLES) -> KeySource | None:
+    """The first variable of ``variables`` set to a non-empty value in ``env``, or None if none is set.
+
+    Empty variables are skipped, as Apptainer does; if the only key variables set are empty that
+    is an error (an empty key never opens an image, and it is likely a mistake in a job script)."""
+    empty = []
+    for variable in variables:
+        value = env.get(variable)
+        if value is None:
+            continue
+        if value == "":
+            empty.append(variable)
+            continue
+        kind = kind_of(variable)
+        if kind == "pem_path":
+            return KeySource(kind, variable, path=value)
+        # Environment strings come from bytes decoded with surrogateescape: encode back exactly.
+        return KeySource(kind, variable, secret=Secret(value.encode("utf-8", "surrogateescape")))
+    if empty:
+        raise KeyMaterialError(f"{empty[0]} is set but empty; an empty key cannot open an image")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# PEM private keys
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+CONVERT_OPENSSH = "convert it with: ssh-keygen -p -m pem -f KEY"
+CONVERT_ENCRYPTED = "remove the passphrase with: openssl rsa -in KEY -out KEY.pem -traditional"
+
+
+def _pem_blocks(data: bytes):
+    """(label, headers, der) of each PEM block in ``data``; der is None if the base64 is broken."""
+    for match in _PEM_BLOCK.finditer(data):
+        label, body = match.group(1).decode(), match.group(2)
+        headers, _, text = body.rpartition(b"\n\n") if b":" in body.split(b"\n", 1)[0] else (b"", b"", body)
+        try:
+            der = base64.b64decode(b"".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            der = None
+        yield label, headers, der
+
+
+def load_private_key(pem: bytes, origin: str):
+    """The RSA private key in ``pem`` (PKCS#1 as Apptainer requires, or unencrypted PKCS#8).
+
+    ``origin`` names where the key came from in messages (a variable, a path)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    if b"-----BEGIN" not in pem:
+        raise KeyMaterialError(f"{origin}: not a PEM private key (no -----BEGIN line)")
+    for label, headers, der in _pem_blocks(pem):
+        if label == "OPENSSH PRIVATE KEY":
+            raise KeyMaterialError(f"{origin}: OpenSSH-format key, Apptainer needs PEM; {CONVERT_OPENSSH}")
+        if label == "ENCRYPTED PRIVATE KEY" or b"ENCRYPTED" in headers:
+            raise KeyMaterialError(f"{origin}: the private key is passphrase-protected; {CONVERT_ENCRYPTED}")
+        if label in ("EC PRIVATE KEY", "DSA PRIVATE KEY"):
+            raise KeyMaterialError(f"{origin}: {label.split()[0]} key; image encryption uses RSA keys")
+        if label not in ("RSA PRIVATE KEY", "PRIVATE KEY"):
+            continue
+        if der is None:
+            raise KeyMaterialError(f"{origin}: the {label} block is not valid base64")
+        try:
+            key = serialization.load_der_private_key(der, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise KeyMaterialError(f"{origin}: the {label} block is not a valid private key") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise KeyMaterialError(f"{origin}: {type(key).__name__.replace('PrivateKey', '')} key; "
+                                   "image encryption uses RSA keys")
+        return key
+    if b"PUBLIC KEY-----" in pem:
+        raise KeyMaterialError(f"{origin}: this is a public key; unlocking needs the private key")
+    raise KeyMaterialError(f"{origin}: no RSA private key found in the PEM data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Crypto messages
+
+
+def _der_octet_string(der: bytes) -> bytes:
+    """Content of a DER OCTET STRING that spans all of ``der``."""
+    if len(der) < 2 or der[0] != 0x04:
+        raise ImageError("the image's key message is not a DER OCTET STRING")
+    length, start = der[1], 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or len(der) < 2 + count:
+            raise ImageError("the image's key message has an invalid DER length")
+        length, start = int.from_bytes(der[2:2 + count], "big"), 2 + count
+    if start + length != len(der):
+        raise ImageError("the image's key message is truncated or has trailing bytes")
+    return der[start:]
+
+
+def _message_ciphertext(message: bytes) -> bytes:
+    blocks = [(label, der) for label, _, der in _pem_blocks(message)]
+    if not blocks or blocks[0][1] is None:
+        raise ImageError("the image's key message is not a valid PEM block (truncated or corrupted)")
+    return _der_octet_string(blocks[0][1])
+
+
+def _oaep():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def unwrap_key(private_key, message: bytes) -> Secret:
+    """The key wrapped in a crypto message (PEM text from the image) with ``private_key``.
+
+    A message that does not decrypt with this key raises ``WrongKeyError``: for a PEM user that is
+    the "wrong key" case (verify-key exits 2), as a wrong passphrase is for a passphrase user."""
+    ciphertext = _message_ciphertext(message)
+    k = private_key.key_size // 8 + (private_key.key_size % 8 > 0)
+    if not ciphertext or len(ciphertext) % k:
+        raise WrongKeyError(f"the PEM key does not match this image (its key message is not made of "
+                            f"{private_key.key_size}-bit RSA blocks)")
+    out, oaep = bytearray(), _oaep()
+    try:
+        for pos in range(0, len(ciphertext), k):
+            chunk = private_key.decrypt(ciphertext[pos:pos + k], oaep)
+            out += chunk
+    except ValueError:
+        Secret(out).wipe()
+        raise WrongKeyError("the PEM key does not match this image (the key message does not decrypt)") \
+            from None
+    if not out:
+        raise ImageError("the image's key message holds an empty key")
+    return Secret(out)
+
+
+def wrap_key(public_key, key: bytes) -> bytes:
+    """A crypto message for ``key``, as Apptainer >= 1.2 writes it (chunks of k - 66 bytes)."""
+    step = public_key.key_size // 8 - OAEP_OVERHEAD
+    oaep = _oaep()
+    ciphertext = b"".join(public_key.encrypt(bytes(key[i:i + step]), oaep) for i in range(0, len(key), step))
+    n = len(ciphertext)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+        (n.bit_length() + 7) // 8, "big")
+    body = base64.b64encode(b"\x04" + length + ciphertext)
+    lines = b"\n".join(body[i:i + 64] for i in range(0, len(body), 64))
+    return b"-----BEGIN MESSAGE-----\n" + lines + b"\n-----END MESSAGE-----\n"
+
+
+def generate_key_pair(bits: int) -> tuple[bytes, bytes]:
+    """(private, public) PEM, both PKCS#1 (``RSA PRIVATE KEY`` / ``RSA PUBLIC KEY``) as Apptainer
+    wants them for ``--pem-path`` at run and build time."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+    return private, public
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+def read_pem(source: KeySource, read_user_file: Callable[[str], bytes]) -> bytes:
+    if source.kind == "pem_data":
+        return bytes(source.secret.value)
+    try:
+        data = read_user_file(source.path)
+    except OSError as exc:
+        raise KeyMaterialError(f"{source.describe()}: cannot read the key file: "
+                               f"{exc.strerror or exc}") from None
+    if len(data) > MAX_PEM_FILE:
+        raise KeyMaterialError(f"{source.describe()}: {len(data)} bytes is too big for a key file")
+    return data
+
+
+def luks_passphrase(image, fd: int, source: KeySource, read_user_file: Callable[[str], bytes]) -> Secret:
+    """The LUKS passphrase for the primary partition of ``image`` (a ``sif.SifImage`` read from
+    ``fd``) from the user's key. ``read_user_file(path) -> bytes`` reads a PEM file (as the user)."""
+    if source.kind == "passphrase":
+        return Secret(bytearray(source.secret.value))
+    part = image.primary_partition()
+    messages = image.crypto_messages(part)
+    if not messages:
+        raise WrongKeyError(f"{source.variable} is a PEM key but this image was encrypted with a "
+                            "passphrase (it holds no key message); use a passphrase variable instead")
+    private_key = load_private_key(read_pem(source, read_user_file), source.describe())
+    message = image.read_object(fd, messages[0], MAX_MESSAGE)
+    return unwrap_key(private_key, message)
+

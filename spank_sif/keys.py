@@ -270,7 +270,7 @@ def luks_passphrase(image, fd: int, source: KeySource, read_user_file: Callable[
     if source.kind == "passphrase":
         return Secret(bytearray(source.secret.value))
     part = image.primary_partition()
-    messages = image.crypto_messages(part)
+    messages = [m for m in image.crypto_messages(part) if m.is_pem_rsa_oaep]
     if not messages:
         raise WrongKeyError(f"{source.variable} is a PEM key but this image was encrypted with a "
                             "passphrase (it holds no key message); use a passphrase variable instead")

@@ -1,0 +1,125 @@
+"""cffi build script of the SPANK plugin: one shared object, ``spank_sif/_plugin.<ext>``.
+
+It is at once the plugin Slurm dlopen()s and the extension module Python imports. Used by
+``setup.py`` (``cffi_modules``); run it directly (``python csrc/build_plugin.py``) to build in place.
+
+``cffi_modules`` skips cffi's own embedding link fix, so the link options are explicit here:
+link libpython with a DT_RPATH (searched before LD_LIBRARY_PATH, unlike DT_RUNPATH), and no
+limited API (the embedding code needs the full one; it would also name the file ``.abi3.so``).
+Headers needed: Slurm's ``slurm/spank.h`` (Debian: libslurm-dev) and Python's (python3-dev).
+"""
+import os
+import sys
+import sysconfig
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CDEF = """
+typedef struct spank_handle *spank_t;
+
+static const int S_CTX_ERROR, S_CTX_LOCAL, S_CTX_REMOTE, S_CTX_ALLOCATOR, S_CTX_SLURMD,
+                 S_CTX_JOB_SCRIPT;
+static const int S_JOB_UID, S_JOB_GID, S_JOB_ID, S_JOB_STEPID, S_JOB_NNODES, S_JOB_NODEID,
+                 S_JOB_LOCAL_TASK_COUNT, S_JOB_TOTAL_TASK_COUNT, S_TASK_ID, S_TASK_GLOBAL_ID,
+                 S_SLURM_VERSION;
+static const int ESPANK_SUCCESS, ESPANK_ERROR, ESPANK_BAD_ARG, ESPANK_NOT_TASK, ESPANK_ENV_EXISTS,
+                 ESPANK_ENV_NOEXIST, ESPANK_NOSPACE, ESPANK_NOT_REMOTE, ESPANK_NOEXIST,
+                 ESPANK_NOT_EXECD, ESPANK_NOT_AVAIL, ESPANK_NOT_LOCAL;
+
+extern "Python" int py_dispatch(const char *cb, spank_t sp, int ac, char **av);
+
+void log_line(int level, const char *msg);
+void user_line(const char *msg);
+void shim_python_broken(void);
+int shim_have_host(void);
+int shim_context(void);
+const char *shim_option_value(void);
+int shim_option_conflict(void);
+const char *shim_state_dir(void);
+const char *shim_python(void);
+int shim_slurm_version(void);
+int shim_item_u32(spank_t sp, int item, uint32_t *out);
+int shim_item_uid(spank_t sp, uint32_t *out);
+int shim_item_gid(spank_t sp, uint32_t *out);
+int shim_item_int(spank_t sp, int item, int *out);
+int shim_item_gids(spank_t sp, uint32_t *buf, int max, int *count);
+int shim_item_str(spank_t sp, int item, char **out);
+int shim_getenv(spank_t sp, const char *name, char *buf, int len);
+int shim_setenv(spank_t sp, const char *name, const char *value, int overwrite);
+int shim_unsetenv(spank_t sp, const char *name);
+int shim_job_control_setenv(spank_t sp, const char *name, const char *value, int overwrite);
+"""
+
+# Frozen into the .so and run once when Python starts inside Slurm. Kept minimal: everything else
+# is ordinary, tested package code. A failed import is logged through Slurm and reported to the
+# shim, which fails the callback (cffi alone would print to stderr and then return 0: jobs would
+# run without the image being handled).
+INIT_CODE = """
+from spank_sif._plugin import ffi, lib
+import sys
+import traceback
+
+def _log(where, exc_info):
+    text = "".join(traceback.format_exception(*exc_info))
+    for line in text.splitlines():
+        lib.log_line(0, ("%s: %s" % (where, line)).encode("utf-8", "replace"))
+
+try:
+    import spank_sif.callbacks as _callbacks   # imports everything later callbacks need, as root
+    _callbacks.route_output()
+except BaseException:
+    # Logged through Slurm, not cffi's stderr dump; the shim then fails the callback.
+    _callbacks = None
+    _log("import", sys.exc_info())
+    lib.shim_python_broken()
+
+@ffi.def_extern(error=-1, onerror=lambda e, v, t: _log("callback", (e, v, t)))
+def py_dispatch(cb, sp, ac, av):
+    if _callbacks is None:
+        return -1
+    args = [ffi.string(av[i]).decode("utf-8", "replace") for i in range(ac)]
+    return _callbacks.dispatch(ffi.string(cb).decode(), sp, args)
+"""
+
+
+def _python_executable() -> str:
+    # The interpreter whose environment the plugin runs in: the venv's python (not its realpath,
+    # which would lose pyvenv.cfg). Overridable at run time with a python= plugstack argument.
+    return os.environ.get("SPANK_SIF_PYTHON") or sys.executable
+
+
+def _c_string(text: str) -> str:
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def make_builder() -> FFI:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME")
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED") and not os.path.exists(
+            os.path.join(libdir, soname)):
+        raise SystemExit(f"spank-sif needs a shared libpython ({libdir}/{soname}); on Debian "
+                         f"install libpython3.{sys.version_info[1]}")
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    ffi.embedding_init_code(INIT_CODE)
+    with open(os.path.join(HERE, "shim.c"), encoding="utf-8") as f:
+        source = f.read()
+    ffi.set_source(
+        "spank_sif._plugin", source,
+        libraries=["python" + sysconfig.get_config_var("LDVERSION")],
+        library_dirs=[libdir],
+        extra_link_args=["-Wl,--disable-new-dtags", "-Wl,-rpath," + libdir],
+        extra_compile_args=["-Wall", "-Wno-unused-function"],
+        py_limited_api=False,
+        define_macros=[("SHIM_LIBPYTHON", _c_string(os.path.join(libdir, soname))),
+                       ("SHIM_PYTHON", _c_string(_python_executable()))],
+    )
+    return ffi
+
+
+ffibuilder = make_builder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(HERE, ".."), verbose=True)

@@ -1,0 +1,408 @@
+/*
+ * spank-sif: the C side of the SPANK plugin.
+ *
+ * This file is pasted into the cffi-generated module `spank_sif._plugin` (see build_plugin.py), so
+ * one shared object is both the plugin Slurm loads and the extension module Python imports. It does
+ * as little as possible:
+ *   - exports the SPANK symbols and registers --sif-image (in C, so --help and option parsing never
+ *     start Python);
+ *   - decides in C whether anything has to happen: a step without an image, slurmd, the extern step
+ *     and the epilog of a job that left no state never start Python (zero cost when unused);
+ *   - starts an isolated interpreter bound to the plugin's own virtual environment, and forwards the
+ *     callback to spank_sif.callbacks.dispatch() through one extern "Python" function;
+ *   - gives Python typed wrappers around the variadic/host-only SPANK API.
+ * The facts behind each choice are in docs/admin-guide.md and the project's python-embedding notes.
+ * Python.h (and with it _GNU_SOURCE, needed by dladdr) is included first by cffi's generated code.
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <slurm/spank.h>
+
+/* Weak: the host (srun, sbatch, slurmstepd) provides these from libslurmfull; a plain Python that
+ * imports the module for unit tests has none of them, and every wrapper then says ESPANK_NOT_AVAIL. */
+#pragma weak spank_context
+#pragma weak spank_remote
+#pragma weak spank_get_item
+#pragma weak spank_getenv
+#pragma weak spank_setenv
+#pragma weak spank_unsetenv
+#pragma weak spank_job_control_setenv
+#pragma weak spank_option_register
+#pragma weak slurm_error
+#pragma weak slurm_info
+#pragma weak slurm_verbose
+#pragma weak slurm_debug
+#pragma weak slurm_spank_log
+
+/* The name is part of the option's environment names (_SLURM_SPANK_OPTION_sif_sif_image). Slurm's
+ * loader refuses the plugin when SLURM_VERSION_NUMBER's major.minor differs from its own. */
+SPANK_PLUGIN(sif, 1);
+
+#ifndef SHIM_PYTHON
+#error "SHIM_PYTHON (the virtual environment's python executable) must be defined by the build"
+#endif
+#ifndef SHIM_LIBPYTHON
+#error "SHIM_LIBPYTHON (the libpython the module was linked against) must be defined by the build"
+#endif
+
+#define SHIM_DEFAULT_STATE_DIR "/run/spank-sif"
+#define SHIM_IMAGE_ENV "SLURM_SIF_IMAGE"
+#define SHIM_EXTERN_STEP 0xfffffffcU /* SLURM_EXTERN_CONT in slurm.h */
+
+static int py_dispatch(const char *cb, spank_t sp, int ac, char **av); /* extern "Python" (cdef) */
+
+/* ---------------------------------------------------------------- logging ---------------------- */
+
+/* Text is never used as a format string. Levels: 0 error, 1 info, 2 verbose, 3 debug. */
+void log_line(int level, const char *msg)
+{
+    if (level <= 0 && slurm_error)
+        slurm_error("sif-image: %s", msg);
+    else if (level == 1 && slurm_info)
+        slurm_info("sif-image: %s", msg);
+    else if (level == 2 && slurm_verbose)
+        slurm_verbose("sif-image: %s", msg);
+    else if (level >= 3 && slurm_debug)
+        slurm_debug("sif-image: %s", msg);
+    else if (!spank_context)
+        fprintf(stderr, "sif-image: %s\n", msg); /* plain Python (tests): nowhere else to go */
+}
+
+/* One line for the user: on srun's (or the batch job's) stderr, without Slurm's "error:" prefix. */
+void user_line(const char *msg)
+{
+    if (slurm_spank_log)
+        slurm_spank_log("sif-image: %s", msg);
+    else
+        fprintf(stderr, "sif-image: %s\n", msg);
+}
+
+/* ---------------------------------------------------------------- plugstack arguments ---------- */
+
+/* Value of "key=" among the plugstack arguments, or NULL. */
+static const char *plugstack_arg(int ac, char **av, const char *key)
+{
+    size_t n = strlen(key);
+    for (int i = 0; i < ac; i++)
+        if (av[i] && strncmp(av[i], key, n) == 0 && av[i][n] == '=')
+            return av[i] + n + 1;
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- the option ------------------- */
+
+/* The value Slurm gave the option callback, last one wins (local: environment, then command line).
+ * Slurm 22.05 calls the remote callback twice with the same value; a different value there is a
+ * conflict that Python reports. */
+static char *option_value;
+static int option_given;
+static int option_conflict;
+
+static int option_cb(int val, const char *arg, int remote)
+{
+    char *copy = strdup(arg ? arg : "");
+    (void)val;
+    if (!copy)
+        return -1;
+    if (option_given && remote && strcmp(copy, option_value) != 0)
+        option_conflict = 1;
+    free(option_value);
+    option_value = copy;
+    option_given = 1;
+    return 0;
+}
+
+static struct spank_option sif_image_option = {
+    "sif-image", "PATH",
+    "Run the tasks with this Singularity/Apptainer SIF image (encrypted or not) mounted read-only "
+    "at the site's mount point ($SIF_IMAGE_ROOT). The key is read from APPTAINER_ENCRYPTION_* "
+    "variables. Default: $" SHIM_IMAGE_ENV "; an empty value disables it.",
+    1, 0, option_cb};
+
+/* Python reads these to resolve the image (spank_sif.options). */
+const char *shim_option_value(void) { return option_given ? option_value : NULL; }
+int shim_option_conflict(void) { return option_conflict; }
+
+/* ---------------------------------------------------------------- typed SPANK wrappers --------- */
+
+int shim_have_host(void) { return spank_getenv != NULL; }
+
+int shim_context(void) { return spank_context ? (int)spank_context() : (int)S_CTX_ERROR; }
+
+int shim_item_u32(spank_t sp, int item, uint32_t *out)
+{
+    return spank_get_item ? (int)spank_get_item(sp, (spank_item_t)item, out) : ESPANK_NOT_AVAIL;
+}
+
+int shim_item_uid(spank_t sp, uint32_t *out)
+{
+    uid_t v = 0;
+    int rc = spank_get_item ? (int)spank_get_item(sp, S_JOB_UID, &v) : ESPANK_NOT_AVAIL;
+    *out = (uint32_t)v;
+    return rc;
+}
+
+int shim_item_gid(spank_t sp, uint32_t *out)
+{
+    gid_t v = 0;
+    int rc = spank_get_item ? (int)spank_get_item(sp, S_JOB_GID, &v) : ESPANK_NOT_AVAIL;
+    *out = (uint32_t)v;
+    return rc;
+}
+
+int shim_item_int(spank_t sp, int item, int *out)
+{
+    return spank_get_item ? (int)spank_get_item(sp, (spank_item_t)item, out) : ESPANK_NOT_AVAIL;
+}
+
+/* Supplementary groups of the job: copies at most `max` into buf, sets *count to the total. */
+int shim_item_gids(spank_t sp, uint32_t *buf, int max, int *count)
+{
+    gid_t *gids = NULL;
+    int n = 0, rc;
+    if (!spank_get_item)
+        return ESPANK_NOT_AVAIL;
+    rc = (int)spank_get_item(sp, S_JOB_SUPPLEMENTARY_GIDS, &gids, &n);
+    if (rc != ESPANK_SUCCESS)
+        return rc;
+    for (int i = 0; i < n && i < max; i++)
+        buf[i] = (uint32_t)gids[i];
+    *count = n;
+    return rc;
+}
+
+int shim_item_str(spank_t sp, int item, char **out)
+{
+    return spank_get_item ? (int)spank_get_item(sp, (spank_item_t)item, out) : ESPANK_NOT_AVAIL;
+}
+
+int shim_getenv(spank_t sp, const char *name, char *buf, int len)
+{
+    return spank_getenv ? (int)spank_getenv(sp, name, buf, len) : ESPANK_NOT_AVAIL;
+}
+
+int shim_setenv(spank_t sp, const char *name, const char *value, int overwrite)
+{
+    return spank_setenv ? (int)spank_setenv(sp, name, value, overwrite) : ESPANK_NOT_AVAIL;
+}
+
+int shim_unsetenv(spank_t sp, const char *name)
+{
+    return spank_unsetenv ? (int)spank_unsetenv(sp, name) : ESPANK_NOT_AVAIL;
+}
+
+int shim_job_control_setenv(spank_t sp, const char *name, const char *value, int overwrite)
+{
+    return spank_job_control_setenv ? (int)spank_job_control_setenv(sp, name, value, overwrite)
+                                    : ESPANK_NOT_AVAIL;
+}
+
+/* The state directory the C side checks in the job epilog ("state_dir=" or the default); Python
+ * insists it matches the site configuration. */
+static const char *state_dir_arg = SHIM_DEFAULT_STATE_DIR;
+const char *shim_state_dir(void) { return state_dir_arg; }
+
+/* Every callback sees the plugstack arguments; remember those C needs (the epilog gets no init). */
+static void remember_args(int ac, char **av)
+{
+    const char *dir = plugstack_arg(ac, av, "state_dir");
+    if (dir && dir[0] == '/')
+        state_dir_arg = dir;
+}
+const char *shim_python(void) { return SHIM_PYTHON; }
+int shim_slurm_version(void) { return SLURM_VERSION_NUMBER; }
+
+/* ---------------------------------------------------------------- Python start-up -------------- */
+
+/* Make the shared object holding `sym` RTLD_NODELETE (and optionally RTLD_GLOBAL). */
+static int pin(const void *sym, int flags, char *path, size_t len)
+{
+    Dl_info info;
+    if (!dladdr(sym, &info) || !info.dli_fname)
+        return -1;
+    if (path)
+        snprintf(path, len, "%s", info.dli_fname);
+    return dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE | flags) ? 0 : -1;
+}
+
+static int start_failed(const char *what)
+{
+    char msg[PATH_MAX + 256];
+    snprintf(msg, sizeof(msg), "cannot start the plugin's Python: %s", what);
+    log_line(0, msg);
+    return -1;
+}
+
+/* Set by the frozen init code when importing spank_sif.callbacks failed (already logged). */
+static int python_broken;
+void shim_python_broken(void) { python_broken = 1; }
+
+/* 0 once Python runs and spank_sif.callbacks imported; -1 (for good) otherwise. Never finalized:
+ * re-initialising CPython in one process breaks extension modules. */
+static int ensure_python(int ac, char **av)
+{
+    static int state; /* 0 untried, 1 running, -1 failed for good */
+    char libpython[PATH_MAX], want[PATH_MAX], got[PATH_MAX];
+    const char *exe = plugstack_arg(ac, av, "python");
+
+    if (state)
+        return state > 0 ? 0 : -1;
+    state = -1;
+    if (!exe)
+        exe = SHIM_PYTHON;
+    /* Extension modules are not linked against libpython: it must be in the global scope, and
+     * Slurm dlopen()s plugins RTLD_LOCAL. Pin ourselves too, so a dlclose never unmaps Python. */
+    if (pin((void *)&Py_IsInitialized, RTLD_GLOBAL, libpython, sizeof(libpython)) ||
+        pin((void *)&ensure_python, 0, NULL, 0))
+        return start_failed("dlopen(RTLD_NOLOAD) of libpython or of the plugin failed");
+    /* Same soname, another file (LD_LIBRARY_PATH, unreadable RPATH dir): refuse rather than run
+     * a different interpreter with our site-packages. */
+    if (!realpath(libpython, got) || !realpath(SHIM_LIBPYTHON, want) || strcmp(got, want) != 0)
+        return start_failed("loaded libpython is " SHIM_LIBPYTHON "'s namesake, not the same file");
+    if (!Py_IsInitialized()) {
+        PyConfig config;
+        PyStatus st;
+        /* A nonexistent program_name is no error to CPython (it falls back to its build prefix),
+         * so check it here. */
+        if (access(exe, X_OK) != 0) {
+            snprintf(got, sizeof(got), "python=%s is not an executable this user can run", exe);
+            return start_failed(got);
+        }
+        PyConfig_InitIsolatedConfig(&config); /* ignores PYTHON* and the user's site-packages */
+        config.install_signal_handlers = 0;
+        config.write_bytecode = 0;
+        st = PyConfig_SetBytesString(&config, &config.program_name, exe);
+        if (!PyStatus_Exception(st))
+            st = Py_InitializeFromConfig(&config);
+        PyConfig_Clear(&config);
+        if (PyStatus_Exception(st))
+            return start_failed(st.err_msg ? st.err_msg : "Py_InitializeFromConfig failed");
+        PyEval_SaveThread(); /* cffi takes the GIL around each call */
+    }
+    if (cffi_start_python() != 0 || python_broken)
+        return start_failed("importing spank_sif.callbacks failed (see the lines above)");
+    state = 1;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- dispatch --------------------- */
+
+static int step_active; /* this process handles an image: Python was asked to */
+
+static int call_python(const char *cb, spank_t sp, int ac, char **av)
+{
+    struct sigaction old;
+    int rc;
+    if (ensure_python(ac, av))
+        return -1;
+    /* `import signal` installs Python's SIGINT handler whatever PyConfig says: keep the host's. */
+    sigaction(SIGINT, NULL, &old);
+    rc = py_dispatch(cb, sp, ac, av);
+    sigaction(SIGINT, &old, NULL);
+    return rc ? -1 : 0; /* Slurm <= 24.11 only counts negative values as failures */
+}
+
+/* Running Slurm's major.minor must be the one we were built for. Slurm's loader checks this too
+ * (since 21.08, "Incompatible Slurm plugin ... version"); this message says what to do. */
+static int check_slurm_version(spank_t sp)
+{
+    char *running = NULL, msg[256];
+    unsigned major = 0, minor = 0;
+    if (!spank_get_item || spank_get_item(sp, S_SLURM_VERSION, &running) != ESPANK_SUCCESS ||
+        !running || sscanf(running, "%u.%u", &major, &minor) != 2)
+        return 0;
+    if (major == SLURM_VERSION_MAJOR(SLURM_VERSION_NUMBER) &&
+        minor == SLURM_VERSION_MINOR(SLURM_VERSION_NUMBER))
+        return 0;
+    snprintf(msg, sizeof(msg),
+             "plugin built for Slurm %u.%02u but this is Slurm %s: rebuild spank-sif against this "
+             "Slurm's headers (libslurm-dev) and reinstall it",
+             (unsigned)SLURM_VERSION_MAJOR(SLURM_VERSION_NUMBER),
+             (unsigned)SLURM_VERSION_MINOR(SLURM_VERSION_NUMBER), running);
+    log_line(0, msg);
+    return -1;
+}
+
+int slurm_spank_init(spank_t sp, int ac, char **av)
+{
+    int ctx = shim_context();
+    remember_args(ac, av);
+    /* slurmd is multi-threaded and forks from RPC threads: CPython must never live there. */
+    if (ctx == S_CTX_SLURMD || ctx == S_CTX_JOB_SCRIPT)
+        return 0;
+    if (check_slurm_version(sp))
+        return -1;
+    if (spank_option_register(sp, &sif_image_option) != ESPANK_SUCCESS) {
+        log_line(0, "cannot register --sif-image (another plugin already has it?)");
+        return -1;
+    }
+    return 0;
+}
+
+/* Is an image wanted here? Decided without Python: the option, else $SLURM_SIF_IMAGE. */
+static int image_wanted(spank_t sp, int ctx)
+{
+    char buf[8];
+    int rc;
+    if (option_given)
+        return option_value[0] != '\0';
+    if (ctx == S_CTX_REMOTE) {
+        uint32_t step = 0;
+        if (shim_item_u32(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS && step == SHIM_EXTERN_STEP)
+            return 0; /* the extern step runs no user tasks */
+        rc = shim_getenv(sp, SHIM_IMAGE_ENV, buf, sizeof(buf));
+        return rc == ESPANK_SUCCESS ? buf[0] != '\0' : rc == ESPANK_NOSPACE;
+    }
+    return getenv(SHIM_IMAGE_ENV) && getenv(SHIM_IMAGE_ENV)[0];
+}
+
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+    int ctx = shim_context();
+    if (ctx != S_CTX_LOCAL && ctx != S_CTX_ALLOCATOR && ctx != S_CTX_REMOTE)
+        return 0;
+    if (!image_wanted(sp, ctx)) {
+        /* "--sif-image=" switches an inherited default off for this command and its steps. */
+        if (option_given && ctx != S_CTX_REMOTE)
+            unsetenv(SHIM_IMAGE_ENV);
+        return 0;
+    }
+    step_active = 1;
+    return call_python("init_post_opt", sp, ac, av);
+}
+
+/* The remaining step callbacks only matter once init_post_opt took the image on. */
+#define ACTIVE_ONLY(name)                                                    \
+    int slurm_spank_##name(spank_t sp, int ac, char **av)                     \
+    {                                                                         \
+        return step_active && shim_context() == S_CTX_REMOTE                  \
+                   ? call_python(#name, sp, ac, av)                           \
+                   : 0;                                                       \
+    }
+ACTIVE_ONLY(user_init)
+ACTIVE_ONLY(task_init_privileged)
+ACTIVE_ONLY(exit)
+
+/* Runs for every job on every node (a fresh `slurmstepd spank epilog`): start Python only when
+ * the job left a record in the state directory, i.e. some step of it used an image here. */
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+    char path[PATH_MAX];
+    struct stat st;
+    uint32_t job = 0;
+    remember_args(ac, av);
+    if (shim_item_u32(sp, S_JOB_ID, &job) != ESPANK_SUCCESS)
+        return 0;
+    snprintf(path, sizeof(path), "%s/%u", state_dir_arg, job);
+    if (lstat(path, &st) != 0 && errno == ENOENT)
+        return 0;
+    return call_python("job_epilog", sp, ac, av);
+}

@@ -1,0 +1,230 @@
+"""What each SPANK callback does, per context. Called by the C shim through ``dispatch()``.
+
+The shim only calls in when there is work: a step or command with an image, or the epilog of a job
+that left state on this node. On a node (slurmstepd, root) a step goes through:
+
+  init_post_opt         before any task is forked: resolve the image, load the site config, take
+                        the key from the job environment (and strip it from the tasks'), unlock
+                        once for the whole step. Errors cannot reach the user yet: they are kept.
+  user_init             the first callback whose output reaches srun: report a kept error (once).
+  task_init_privileged  per task, as root, after it joined any job container: fail the task if
+                        there was an error; else a private mount namespace, the image mounted at
+                        the site's mount point, SIF_IMAGE_ROOT exported to that task.
+  exit                  release the step's mapping.
+  job_epilog            sweep whatever the job left on the node (crashed or killed steps).
+
+Everything a user can cause ends as ONE line prefixed ``sif-image:`` on the user's stderr and a
+non-zero task exit; bugs are logged with their traceback in slurmd's log, never shown to users.
+"""
+import os
+import sys
+import traceback
+
+# Imported eagerly, while still root in the step's first callback: later callbacks may run as the
+# user (or in forked tasks) where importing is slower or not allowed.
+import spank_sif.config as site_config
+import spank_sif.lifecycle as lifecycle
+import spank_sif.userfiles as userfiles
+from spank_sif import options, spank
+from spank_sif.errors import ConfigError, SifError
+
+ENV_IMAGE_ROOT = "SIF_IMAGE_ROOT"
+PLUGSTACK_KEYS = ("config", "python", "state_dir")
+INTERNAL_ERROR = "internal error on this node; the admin finds the details in slurmd's log"
+
+
+class Step:
+    """What this process knows about its step between callbacks (one step per slurmstepd)."""
+
+    def __init__(self):
+        self.config = None
+        self.unlocked = None
+        self.error = None       # one-line message kept for the user
+        self.reported = False
+
+
+step = Step()
+
+
+# ------------------------------------------------------------------ plumbing
+
+class _LogWriter:
+    """sys.stdout/sys.stderr replacement: in task context the process's stderr is the user's."""
+
+    def __init__(self, level: str):
+        self.level, self.pending = level, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            spank.log(self.level, line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            spank.log(self.level, self.pending)
+            self.pending = ""
+
+
+def route_output() -> None:
+    """Send stray prints and warnings to the Slurm log instead of the job's output."""
+    sys.stdout = _LogWriter("info")
+    sys.stderr = _LogWriter("error")
+
+
+def plugstack_args(args: list) -> dict:
+    """``key=value`` arguments from the plugstack.conf line; unknown keys are errors (typos in a
+    security setting must not pass silently)."""
+    values = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in PLUGSTACK_KEYS:
+            raise ConfigError(f"plugstack.conf: unknown argument {arg!r} for spank-sif "
+                              f"(known: {', '.join(k + '=' for k in PLUGSTACK_KEYS)})")
+        values[key] = value
+    return values
+
+
+def load_site_config(args: list):
+    """The site configuration named by ``config=`` (default /etc/slurm/spank_sif.yaml)."""
+    config = site_config.load_config(plugstack_args(args).get("config"))
+    if os.path.normpath(config.state_dir) != os.path.normpath(spank.state_dir()):
+        raise ConfigError(f"{config.source}: 'state_dir' is {config.state_dir} but the plugin "
+                          f"checks {spank.state_dir()} in the epilog; put state_dir="
+                          f"{config.state_dir} on the plugstack.conf line")
+    return config
+
+
+def _internal_error(where: str) -> str:
+    for line in traceback.format_exc().splitlines():
+        spank.log("error", f"{where}: {line}")
+    return INTERNAL_ERROR
+
+
+# ------------------------------------------------------------------ submit side (srun, sbatch, salloc)
+
+def submit_init_post_opt(sp, args) -> None:
+    image = options.submit_side_image(spank.option_value(), os.environ, os.getcwd())
+    if image is None:
+        return
+    # Exported into the command's environment, which becomes the job's: nodes resolve relative
+    # paths with it and nested sruns inherit it as their default.
+    os.environ[options.ENV_DEFAULT] = image
+    if spank.option_value() is not None:
+        # sbatch/salloc hand the option to the batch step and nested sruns from here: absolute.
+        spank.job_control_setenv(sp, options.OPTION_ENV, image)
+
+
+# ------------------------------------------------------------------ node side (slurmstepd, root)
+
+def _step_user(sp):
+    return userfiles.User.from_uid(spank.uid(sp), spank.gid(sp))
+
+
+def take_key_variables(sp, config) -> dict:
+    """The key variables present in the job environment, removed from it (the tasks' env) unless
+    the site keeps them. They never go anywhere else: not argv, not logs, not files."""
+    found = {}
+    for name in config.key_variables:
+        value = spank.getenv(sp, name)
+        if value is None:
+            continue
+        found[name] = value
+        if config.strip_key_variables:
+            spank.unsetenv(sp, name)
+    return found
+
+
+def node_init_post_opt(sp, args) -> None:
+    try:
+        step.config = load_site_config(args)
+        image = options.node_side_image(spank.option_value(), spank.getenv(sp, options.ENV_DEFAULT),
+                                        spank.option_conflict())
+        if image is None:
+            return
+        env = take_key_variables(sp, step.config)
+        job = lifecycle.StepRef(job_id=spank.job_id(sp), step_id=spank.step_id(sp))
+        step.unlocked = lifecycle.unlock(image, _step_user(sp), env, job, step.config)
+        env.clear()
+    except SifError as err:
+        step.error = str(err)
+        spank.log("error", f"job {_job_text(sp)}: {err}")
+    except Exception:
+        step.error = _internal_error("init_post_opt")
+
+
+def _job_text(sp) -> str:
+    try:
+        return f"{spank.job_id(sp)}.{spank.step_id(sp)}"
+    except SifError:
+        return "?"
+
+
+def node_user_init(sp, args) -> None:
+    # The earliest callback whose output reaches srun's stderr (remote init_post_opt's go only to
+    # slurmd's log). Once per step, not once per task.
+    if step.error and not step.reported:
+        spank.tell_user(step.error)
+        step.reported = True
+
+
+def node_task_init_privileged(sp, args) -> None:
+    if step.error:
+        raise _AlreadyReported()
+    if step.unlocked is None:
+        return
+    target = step.config.mount_point
+    try:
+        lifecycle.mount(step.unlocked, target, private=True)
+    except SifError as err:
+        if spank.task_id(sp) == 0:  # one line per node, not one per task
+            spank.tell_user(str(err))
+        raise _AlreadyReported() from None
+    spank.setenv(sp, ENV_IMAGE_ROOT, target)
+
+
+def node_exit(sp, args) -> None:
+    if step.unlocked is not None:
+        unlocked, step.unlocked = step.unlocked, None
+        lifecycle.release(unlocked.name, step.config)
+
+
+def job_epilog(sp, args) -> None:
+    lifecycle.sweep_job(spank.job_id(sp), load_site_config(args))
+
+
+class _AlreadyReported(Exception):
+    """Fail the callback without a further message."""
+
+
+HANDLERS = {
+    ("local", "init_post_opt"): submit_init_post_opt,
+    ("allocator", "init_post_opt"): submit_init_post_opt,
+    ("remote", "init_post_opt"): node_init_post_opt,
+    ("remote", "user_init"): node_user_init,
+    ("remote", "task_init_privileged"): node_task_init_privileged,
+    ("remote", "exit"): node_exit,
+    ("job_script", "job_epilog"): job_epilog,
+}
+
+
+def dispatch(callback: str, sp, args: list) -> int:
+    """Run the handler of ``callback`` in the current context: 0 on success, -1 to fail it."""
+    handler = HANDLERS.get((spank.context(), callback))
+    if handler is None:
+        return 0
+    try:
+        handler(sp, args)
+        return 0
+    except _AlreadyReported:
+        return -1
+    except SifError as err:
+        # Submit side: the user sees it directly. Nodes: the callbacks above keep their own.
+        spank.tell_user(str(err))
+        spank.log("error", f"{callback}: {err}")
+        return -1
+    except Exception:
+        _internal_error(callback)
+        spank.tell_user(INTERNAL_ERROR)
+        return -1

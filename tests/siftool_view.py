@@ -1,0 +1,129 @@
+"""Compare spank_sif.sif's reading of an image with the reference ``siftool``'s, field by field.
+
+``reference_view(path)`` parses what ``siftool header``, ``siftool list`` and ``siftool info N``
+print; ``our_view(image)`` renders our parse in the reference's vocabulary (its names for codes,
+its time and size formats). The two must be equal. The vocabulary tables below are the reference's
+(sylabs/sif v2 ``pkg/sif/sif.go`` String methods, ``crypto.Hash`` names), not ours.
+"""
+import datetime
+import math
+import re
+
+from reftools import reftools, run
+from spank_sif import sif
+
+GO_DATA_TYPES = {0x4001: "Def.FILE", 0x4002: "Env.Vars", 0x4003: "JSON.Labels", 0x4004: "FS",
+                 0x4005: "Signature", 0x4006: "JSON.Generic", 0x4007: "Generic/Raw",
+                 0x4008: "Cryptographic Message", 0x4009: "SBOM"}
+GO_FS_TYPES = {1: "Squashfs", 2: "Ext3", 3: "Archive", 4: "Raw", 5: "Encrypted squashfs"}
+GO_PART_TYPES = {1: "System", 2: "*System", 3: "Data", 4: "Overlay"}
+GO_HASHES = {1: "SHA-256", 2: "SHA-384", 3: "SHA-512", 4: "BLAKE2s-256", 5: "BLAKE2b-256"}
+GO_FORMATS = {1: "OpenPGP", 2: "PEM"}
+GO_MESSAGES = {0x100: "Clear Signature", 0x200: "RSA-OAEP"}
+GO_SBOM = {1: "cyclonedx-json", 2: "cyclonedx-xml", 3: "github-json", 4: "spdx-json", 5: "spdx-rdf",
+           6: "spdx-tag-value", 7: "spdx-yaml", 8: "syft-json"}
+GO_ARCH_KNOWN = set(list(sif.ARCH_CODES.values())[1:13])   # Debian's sif 2.8.3 stops at riscv64
+
+
+def siftool(*args) -> str:
+    return run(reftools()[0], *args).stdout.decode()
+
+
+def _pairs(text: str) -> dict:
+    return dict(re.match(r"\s*([^:]+):\s+(.*)$", line).groups() for line in text.splitlines() if line.strip())
+
+
+def reference_view(path) -> dict:
+    """What the reference reports about the image at ``path``."""
+    rows = []
+    for line in siftool("list", path).splitlines()[3:]:
+        rows.append(tuple(" ".join(cell.split()) for cell in line.split("|")))
+    info = {int(row[0]): _pairs(siftool("info", row[0], path)) for row in rows}
+    return {"header": _pairs(siftool("header", path)), "list": rows, "info": info}
+
+
+def go_time(seconds: int) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+
+
+def go_size(size: int) -> str:
+    """siftool's readableSize."""
+    if -1024 < size < 1024:
+        return f"{size} B"
+    div, exp, n = 1024, 0, size // 1024
+    while n <= -1024 or n >= 1024:
+        div, exp, n = div * 1024, exp + 1, int(n / 1024)
+    return f"{math.floor(size / div + 0.5)} {'KMGTPE'[exp]}iB"   # Go's math.Round: halves away from 0
+
+
+def _arch(name: str) -> str:
+    return name if name in GO_ARCH_KNOWN else "unknown"
+
+
+def _type_column(d: sif.Descriptor) -> str:
+    name = GO_DATA_TYPES.get(d.data_type, "Unknown")
+    if d.fs_type is not None:
+        fs, part = GO_FS_TYPES.get(int(d.fs_type), "Unknown"), GO_PART_TYPES.get(int(d.part_type), "Unknown")
+        return f"{name} ({fs}/{part}/{_arch(d.arch)})"
+    if d.hash_type is not None:
+        return f"{name} ({GO_HASHES[int(d.hash_type)]})"
+    if d.crypto_format is not None:
+        fmt = GO_FORMATS.get(int(d.crypto_format), "Unknown")
+        return f"{name} ({fmt}/{GO_MESSAGES.get(int(d.crypto_message_type), 'Unknown')})"
+    if d.sbom_format is not None:
+        return f"{name} ({GO_SBOM.get(int(d.sbom_format), 'unknown')})"
+    return name
+
+
+def _link(d: sif.Descriptor) -> str:
+    if not d.link:
+        return "NONE"
+    return f"{d.link} (G)" if d.link_is_group else str(d.link)
+
+
+def _info(d: sif.Descriptor) -> dict:
+    info = {"Data Type": GO_DATA_TYPES.get(d.data_type, "Unknown"), "ID": str(d.id),
+            "Group ID": str(d.group or "NONE"), "Linked ID": _link(d), "Offset": str(d.offset),
+            "Size": str(d.size)}
+    for key, t in (("Created At", d.created_at), ("Modified At", d.modified_at)):
+        if t != sif.GO_ZERO_TIME:
+            info[key] = go_time(t)
+    if d.name:
+        info["Name"] = d.name
+    if d.fs_type is not None:
+        info.update({"Filesystem Type": GO_FS_TYPES.get(int(d.fs_type), "Unknown"),
+                     "Partition Type": GO_PART_TYPES.get(int(d.part_type), "Unknown"),
+                     "Architecture": _arch(d.arch)})
+    if d.hash_type is not None:
+        info["Hash Type"] = GO_HASHES[int(d.hash_type)]
+        if d.entity is not None:
+            info["Entity"] = d.entity.hex().upper()
+    if d.crypto_format is not None:
+        info.update({"Format Type": GO_FORMATS.get(int(d.crypto_format), "Unknown"),
+                     "Message Type": GO_MESSAGES.get(int(d.crypto_message_type), "Unknown")})
+    if d.sbom_format is not None:
+        info["Format"] = GO_SBOM.get(int(d.sbom_format), "unknown")
+    return info
+
+
+def our_view(image: sif.SifImage) -> dict:
+    """Our parse of the image, said the way the reference says it."""
+    h = image.header
+    header = {}
+    if h.launch_script:
+        header["Launch Script"] = h.launch_script.removesuffix("\n")
+    header["Version"] = h.version.rstrip(b"\0").decode()
+    if _arch(h.arch) != "unknown":
+        header["Primary Architecture"] = h.arch
+    if h.uuid != "00000000-0000-0000-0000-000000000000":
+        header["ID"] = h.uuid
+    for key, t in (("Created At", h.created_at), ("Modified At", h.modified_at)):
+        if t != sif.GO_ZERO_TIME:
+            header[key] = go_time(t)
+    header.update({
+        "Descriptors Free": str(h.descriptors_free), "Descriptors Total": str(h.descriptors_total),
+        "Descriptors Offset": str(h.descriptors_offset), "Descriptors Size": go_size(h.descriptors_size),
+        "Data Offset": str(h.data_offset), "Data Size": go_size(h.data_size)})
+    rows = [(str(d.id), str(d.group or "NONE"), _link(d), f"{d.offset}-{d.end}", _type_column(d))
+            for d in image.descriptors]
+    return {"header": header, "list": rows, "info": {d.id: _info(d) for d in image.descriptors}}

@@ -7,7 +7,9 @@ its time and size formats). The two must be equal. The vocabulary tables below a
 """
 import datetime
 import math
+import os
 import re
+from pathlib import Path
 
 from reftools import reftools, run
 from spank_sif import sif
@@ -127,3 +129,19 @@ def our_view(image: sif.SifImage) -> dict:
     rows = [(str(d.id), str(d.group or "NONE"), _link(d), f"{d.offset}-{d.end}", _type_column(d))
             for d in image.descriptors]
     return {"header": header, "list": rows, "info": {d.id: _info(d) for d in image.descriptors}}
+
+
+def read(path) -> sif.SifImage:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sif.read_sif(fd, name=Path(path).name)
+    finally:
+        os.close(fd)
+
+
+def assert_same_as_reference(path):
+    """Our reading of the image at ``path`` equals the reference's, part by part."""
+    ours, ref = our_view(read(path)), reference_view(path)
+    assert ours["header"] == ref["header"]
+    assert ours["list"] == ref["list"]
+    assert ours["info"] == ref["info"]

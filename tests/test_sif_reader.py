@@ -11,27 +11,12 @@ from pathlib import Path
 import pytest
 
 from reftools import SIF_TEST_IMAGES, luks_format, reftools, run, sifref_build
-from siftool_view import our_view, reference_view, siftool
+from siftool_view import assert_same_as_reference, read, siftool
 from spank_sif import sif
 from spank_sif.cli import main
 
 REFERENCE_IMAGES = sorted(SIF_TEST_IMAGES.glob("*.sif"))
 GOLDEN = Path(__file__).resolve().parent / "golden" / "inspect"
-
-
-def read(path) -> sif.SifImage:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return sif.read_sif(fd, name=Path(path).name)
-    finally:
-        os.close(fd)
-
-
-def assert_same_as_reference(path):
-    ours, ref = our_view(read(path)), reference_view(path)
-    assert ours["header"] == ref["header"]
-    assert ours["list"] == ref["list"]
-    assert ours["info"] == ref["info"]
 
 
 def test_all_reference_images_are_present():

@@ -6,7 +6,6 @@ consistent image), never another exception, never a hang, never a read beyond th
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -433,9 +433,11 @@ def _parse_header(raw: bytes, size: int, name: str) -> Header:
     if table_end > size:
         raise bad(f"descriptor table [{offset}, {table_end}) extends past the end of the file "
                   f"({size} bytes)")
-    if h.data_offset < table_end or h.data_size < 0:
-        raise bad(f"data section at {h.data_offset} of {h.data_size} bytes overlaps the descriptor "
-                  f"table [{offset}, {table_end}) or has a negative size")
+    if h.data_offset < table_end:
+        raise bad(f"data section offset {h.data_offset} lies before the end of the descriptor table "
+                  f"[{offset}, {table_end})")
+    if h.data_size < 0:
+        raise bad(f"data section size {h.data_size} is negative")
     if h.data_offset + h.data_size > size:
         raise bad(f"data section [{h.data_offset}, {h.data_offset + h.data_size}) extends past the "
                   f"end of the file ({size} bytes)")
@@ -556,17 +558,17 @@ def write_sif(target, objects, *, launch_script: str = LAUNCH_SCRIPT, image_id: 
         end, table, arch = data_offset, bytearray(descriptors_total * DESCRIPTOR.size), "00"
         for index, obj in enumerate(objects):
             alignment = obj.alignment or (PARTITION_ALIGNMENT if obj.data_type == DataType.PARTITION else 1)
+            name, extra = obj.name.encode(), obj.extra.ljust(384, b"\0")
+            if len(name) > 128 or len(extra) > 384:
+                raise ValueError(f"object {index + 1}: name or extra too long")
             offset = -(-end // alignment) * alignment
             size = _write_data(fd, offset, obj.data)
-            name = obj.name.encode()
-            if len(name) > 128 or len(obj.extra) > 384:
-                raise ValueError(f"object {index + 1}: name or extra too long")
             DESCRIPTOR.pack_into(
                 table, index * DESCRIPTOR.size, obj.data_type, True, index + 1, obj.group | GROUP_MASK,
                 obj.link | (GROUP_MASK if obj.link_is_group else 0), offset, size, offset - end + size,
-                now, now, 0, 0, name, obj.extra)
-            if obj.data_type == DataType.PARTITION and struct.unpack_from("<i", obj.extra, 4)[0] == PartType.PRIMSYS:
-                arch = obj.extra[8:10].decode()
+                now, now, 0, 0, name, extra)
+            if obj.data_type == DataType.PARTITION and struct.unpack_from("<i", extra, 4)[0] == PartType.PRIMSYS:
+                arch = extra[8:10].decode("ascii", "replace")
             end = offset + size
         header = HEADER.pack(
             launch_script.encode(), MAGIC, VERSION, arch.encode() + b"\0",

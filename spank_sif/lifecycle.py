@@ -124,9 +124,9 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
         encrypted = _policy(part, image_path, config)
         volume = None
         if encrypted:
-            dmcrypt.check_kernel()
             volume = luks2.read_luks2(fd, part.offset, part.size)
             dmcrypt.usable_slots(volume, config.kdf_max_memory_kib)  # refuse before any KDF or key work
+            dmcrypt.check_kernel()
         st = os.fstat(fd)
         unlocked = Unlocked(session, job, real, "", encrypted, config)
         head = state.record("session", job, session, {
@@ -316,6 +316,17 @@ def _pid_alive(pid) -> bool:
         return True
 
 
+def _interrupted(recs: list[Record]) -> bool:
+    """An admin's ``open`` that did not finish: its process is gone, and it never got as far as a
+    mount (a finished one is unlocked and mounted, and stays until ``close``)."""
+    head = next((r for r in recs if r.kind == "session"), None)
+    if head is None:
+        return True
+    if _pid_alive(head.data.get("pid")):
+        return False
+    return head.data.get("status") != "unlocked" or not any(r.kind == "mount" for r in recs)
+
+
 def sweep_stale(config: SiteConfig, is_running=job_running_here) -> list[str]:
     """Sweep every job that no longer runs here; for sessions not tied to a Slurm job (the admin
     CLI's), sweep those whose opening process died before finishing."""
@@ -326,13 +337,11 @@ def sweep_stale(config: SiteConfig, is_running=job_running_here) -> list[str]:
             if not is_running(jid):
                 done += sweep_job(jid, config)
             continue
-        heads: dict[str, Record | None] = {}
+        by_session: dict[str, list[Record]] = {}
         for rec in state.records(jid):
-            heads.setdefault(rec.session, None)
-            if rec.kind == "session":
-                heads[rec.session] = rec
-        for session, head in heads.items():
-            if head is None or (head.data.get("status") != "unlocked" and not _pid_alive(head.data.get("pid"))):
+            by_session.setdefault(rec.session, []).append(rec)
+        for session, recs in by_session.items():
+            if _interrupted(recs):
                 done += _teardown(state, jid, session)
         state.drop_job_dir(jid)
     known = {r.session for r in state.records()}

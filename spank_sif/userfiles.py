@@ -6,6 +6,7 @@ descriptor back over a socket pair. Everything afterwards works on that descript
 swapped after the open changes nothing, and a file the user cannot read stays unreadable even
 though the engine runs as root.
 """
+import array
 import errno
 import grp
 import os
@@ -116,7 +117,7 @@ def open_as_user(path: str, user: User, flags: int = os.O_RDONLY, *, what: str =
         child.close()
         parent.settimeout(OPEN_TIMEOUT_S)
         try:
-            msg, fds, _, _ = socket.recv_fds(parent, 64, 1)
+            msg, fds = _receive(parent)
         except TimeoutError:
             os.kill(pid, 9)
             raise error(f"opening {what} {path} as {user.name} took more than {OPEN_TIMEOUT_S} s: "
@@ -127,6 +128,17 @@ def open_as_user(path: str, user: User, flags: int = os.O_RDONLY, *, what: str =
         parent.close()
         child.close()
     return _result(msg, fds, path, user, what, error)
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and at most one fd, close-on-exec from the start (socket.recv_fds ignores its
+    flags argument in Python 3.11, so MSG_CMSG_CLOEXEC is passed here)."""
+    fds = array.array("i")
+    msg, ancdata, _, _ = sock.recvmsg(64, socket.CMSG_LEN(fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)
 
 
 def _result(msg: bytes, fds: list, path: str, user: User, what: str, error) -> int:

@@ -1,0 +1,91 @@
+"""Shared by the node-engine tests (host and VM): test users, world-readable work directories,
+images, running the CLI, and the "nothing left behind" check."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from spank_sif import dmcrypt, mounts
+
+import reftools
+
+USER = "sifuser1"      # the job's user in engine tests (distinct from the plugin tests' users)
+OTHER = "sifuser2"     # another ordinary user
+GROUP = "sifgrp1"      # a supplementary group of USER only
+
+
+def ensure_users() -> None:
+    """Create the engine tests' users and group once (idempotent; on the host or in the VM)."""
+    if subprocess.run(["getent", "group", GROUP], capture_output=True).returncode != 0:
+        subprocess.run(["groupadd", GROUP], check=True, capture_output=True)
+    for name, extra in ((USER, ["-G", GROUP]), (OTHER, [])):
+        if subprocess.run(["id", name], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/usr/sbin/nologin", *extra, name],
+                           check=True, capture_output=True)
+
+
+def world_dir(prefix: str = "sif-engine-") -> Path:
+    """A directory every user can traverse (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("SPANK_SIF_WORLD_TMP", "/tmp")))
+    path.chmod(0o755)
+    return path
+
+
+def write_config(path: Path, **settings) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def plain_image(dir: Path, files: dict[str, bytes] | None = None) -> Path:
+    """A plain (unencrypted squashfs) SIF built by mksquashfs and the reference SIF library."""
+    files = files or {"hello.txt": b"hello from a plain image\n", "opt/data.bin": os.urandom(200_000)}
+    tree = dir / "tree"
+    sqfs = reftools.make_squashfs(tree, dir / "root.sqfs", files)
+    image = reftools.sifref_build(dir / "plain.sif", sqfs, fs="squashfs")
+    shutil.rmtree(tree)
+    sqfs.unlink()
+    image.chmod(0o644)
+    return image
+
+
+def cli(*argv, env=None, check=False, timeout=120) -> subprocess.CompletedProcess:
+    """``spank-sif ARGV`` as root, in a fresh process (the way admins and the epilog run it)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "SPANK_SIF_KILL_AT"}
+    full_env.update(env or {})
+    repo = str(Path(__file__).resolve().parent.parent)
+    full_env["PYTHONPATH"] = repo + os.pathsep + full_env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "spank_sif", *map(str, argv)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"spank-sif {' '.join(map(str, argv))} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def loops_backed_by(image: Path) -> list[str]:
+    """Loop devices (per sysfs) whose backing file is ``image``."""
+    found = []
+    want = os.path.realpath(image)
+    for entry in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (entry / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing == want or backing.removesuffix(" (deleted)") == want:
+            found.append(f"/dev/{entry.name}")
+    return found
+
+
+def leftovers(image: Path, state_dir: Path, target: Path | None = None) -> list[str]:
+    """Everything an attempt on ``image`` may have left: loop devices, spank-sif mappings, a mount at
+    ``target``, state records. Empty means clean."""
+    left = [f"loop {d}" for d in loops_backed_by(image)]
+    left += [f"mapping {n}" for n in dmcrypt.active_names("spank-sif-")]
+    if target is not None and mounts.is_mounted(str(target)):
+        left.append(f"mount {target}")
+    if state_dir.exists():
+        left += [f"record {p.relative_to(state_dir)}" for p in state_dir.rglob("*.json")]
+        left += [f"job dir {p.name}" for p in state_dir.iterdir() if p.is_dir()]
+    return left

@@ -1,0 +1,246 @@
+"""The node engine end to end on the host kernel (loop + squashfs, no device-mapper): plain images
+through ``spank-sif open/list/close/epilog/cleanup``, every refusal, and crashes between steps."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+import reftools
+from engine_helpers import (OTHER, USER, cli, ensure_users, leftovers, plain_image, world_dir,
+                            write_config)
+from spank_sif import dmcrypt, lifecycle, sif
+from spank_sif.config import SiteConfig
+
+pytestmark = pytest.mark.root
+
+FILES = {"hello.txt": b"hello from a plain image\n", "opt/data.bin": os.urandom(300_000)}
+
+
+@pytest.fixture(scope="module")
+def images():
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    ensure_users()
+    d = world_dir()
+    image = plain_image(d, FILES)
+    yield d, image
+    shutil.rmtree(d)
+
+
+@pytest.fixture
+def site(images, tmp_path):
+    """A site configuration with a private state directory, and a mount point."""
+    d, image = images
+    state = tmp_path / "state"
+    target = tmp_path / "mnt"
+    target.mkdir()
+    config = write_config(tmp_path / "site.yaml", state_dir=str(state))
+    yield {"image": image, "dir": d, "state": state, "target": target, "config": config,
+           "tmp": tmp_path}
+    # Whatever a test did, leave the machine clean for the next one.
+    cli("epilog", "--job", "cli", "--config", config)
+    cli("epilog", "--job", "4242", "--config", config)
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def _open(site, *extra, image=None, target=None, env=None):
+    return cli("open", image or site["image"], target or site["target"], "--user", USER,
+               "--config", site["config"], *extra, env=env)
+
+
+def _mount_options(target) -> set[str]:
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split()
+        if fields[4] == str(target):
+            return set(fields[5].split(","))
+    return set()
+
+
+def test_open_list_close_leaves_nothing(site):
+    proc = _open(site)
+    assert proc.returncode == 0, proc.stderr
+    name = proc.stdout.strip()
+    assert name.startswith("spank-sif-cli-")
+    target = site["target"]
+    assert (target / "hello.txt").read_bytes() == FILES["hello.txt"]
+    assert (target / "opt/data.bin").read_bytes() == FILES["opt/data.bin"]
+    assert {"ro", "nosuid", "nodev"} <= _mount_options(target)
+    listing = json.loads(cli("list", "--json", "--config", site["config"], check=True).stdout)
+    assert [(e["name"], e["job"], e["user"], e["mounts"], e["status"]) for e in listing] == \
+        [(name, "cli", USER, [str(target)], "unlocked")]
+    assert e_image(listing) == str(site["image"])
+    table = cli("list", "--config", site["config"], check=True).stdout
+    assert name in table and str(target) in table
+    assert len(leftovers(site["image"], site["state"], target)) > 0  # sanity of the checker itself
+    closed = cli("close", str(target), "--config", site["config"])
+    assert closed.returncode == 0, closed.stderr
+    assert leftovers(site["image"], site["state"], target) == []
+    again = cli("close", str(target), "--config", site["config"])  # nothing left to close
+    assert again.returncode == 8 and "nothing spank-sif opened" in again.stderr
+
+
+def e_image(listing):
+    return listing[0]["image"]
+
+
+def test_close_by_name_and_epilog_sweeps_a_job(site, tmp_path):
+    second = tmp_path / "mnt2"
+    second.mkdir()
+    first = _open(site, "--job", "4242.0")
+    other = _open(site, "--job", "4242.1", target=second)
+    assert first.returncode == 0 and other.returncode == 0, first.stderr + other.stderr
+    assert first.stdout.startswith("spank-sif-4242.0-")
+    assert cli("close", first.stdout.strip(), "--config", site["config"]).returncode == 0
+    assert not (site["target"] / "hello.txt").exists()
+    assert (second / "hello.txt").exists()
+    swept = cli("epilog", "--job", "4242", "--config", site["config"])
+    assert swept.returncode == 0, swept.stderr
+    assert "removed mount" in swept.stdout
+    assert leftovers(site["image"], site["state"], second) == []
+
+
+@pytest.mark.parametrize("case, code, message", [
+    ("unreadable", 3, "cannot read image"),
+    ("missing", 3, "does not exist"),
+    ("not_sif", 3, "not a SIF"),
+    ("truncated", 3, ""),
+    ("no_primary", 3, "no primary system partition"),
+    ("gocryptfs", 3, "gocryptfs"),
+    ("outside_allowed", 5, "outside the directories this site allows"),
+    ("plain_refused", 5, "only runs encrypted images"),
+    ("no_mount_point", 7, "does not exist: create the directory"),
+    ("mount_point_symlink", 7, "is a symbolic link"),
+])
+def test_refusals_are_one_line_and_leave_nothing(site, case, code, message):
+    d, tmp = site["dir"], site["tmp"]
+    image, target, config = site["image"], site["target"], site["config"]
+    bad = d / f"{case}.sif"
+    if case == "unreadable":
+        shutil.copy(image, bad)
+        bad.chmod(0o600)  # root can read it, the user cannot
+        image = bad
+    elif case == "missing":
+        image = d / "nothing-here.sif"
+    elif case == "not_sif":
+        bad.write_bytes(b"#!/bin/sh\necho not an image\n" * 100)
+        bad.chmod(0o644)
+        image = bad
+    elif case == "truncated":
+        data = image.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        bad.chmod(0o644)
+        image = bad
+    elif case == "no_primary":
+        sqfs = reftools.make_squashfs(tmp / "t", tmp / "t.sqfs", {"a": b"a"})
+        image = reftools.sifref_build(bad, sqfs, fs="squashfs", parttype=3)
+        image.chmod(0o644)
+    elif case == "gocryptfs":
+        sif.write_sif(bad, [sif.SifObject.partition(b"\0" * 8192, sif.FsType.GOCRYPTFS_SQUASHFS)])
+        bad.chmod(0o644)
+        image = bad
+    elif case == "outside_allowed":
+        config = write_config(tmp / "c.yaml", state_dir=str(site["state"]), allowed_image_paths=["/srv/images"])
+    elif case == "plain_refused":
+        config = write_config(tmp / "c.yaml", state_dir=str(site["state"]), allow_unencrypted=False)
+    elif case == "no_mount_point":
+        target = tmp / "no-such-dir"
+    elif case == "mount_point_symlink":
+        (tmp / "real").mkdir()
+        target = tmp / "link"
+        target.symlink_to(tmp / "real")
+    proc = cli("open", image, target, "--user", USER, "--config", config)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.startswith("spank-sif: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+    assert leftovers(image, site["state"], target) == []
+    assert leftovers(site["image"], site["state"], target) == []
+
+
+def test_other_users_image_is_refused(site):
+    d = site["dir"]
+    private = d / "private.sif"
+    shutil.copy(site["image"], private)
+    other = __import__("pwd").getpwnam(OTHER)
+    os.chown(private, other.pw_uid, other.pw_gid)
+    private.chmod(0o600)
+    proc = cli("open", private, site["target"], "--user", USER, "--config", site["config"])
+    assert proc.returncode == 3 and "cannot read image" in proc.stderr
+    ok = cli("open", private, site["target"], "--user", OTHER, "--config", site["config"])
+    assert ok.returncode == 0, ok.stderr
+    assert cli("close", site["target"], "--config", site["config"]).returncode == 0
+
+
+def test_encrypted_image_on_a_kernel_without_dm_crypt(site, tmp_path):
+    if dmcrypt._control_works():
+        pytest.skip("this kernel has device-mapper: the VM tests cover encrypted images")
+    sqfs = reftools.make_squashfs(tmp_path / "t", tmp_path / "t.sqfs", {"a": b"a" * 5000})
+    vol = reftools.luks_encrypt_payload(sqfs, tmp_path / "t.luks", b"pass")
+    image = reftools.sifref_build(site["dir"] / "enc.sif", vol, fs="encrypted")
+    image.chmod(0o644)
+    proc = cli("open", image, site["target"], "--user", USER, "--config", site["config"],
+               env={"APPTAINER_ENCRYPTION_PASSPHRASE": "pass"})
+    assert proc.returncode == 7, proc.stderr
+    assert "this node's kernel lacks device-mapper/dm-crypt" in proc.stderr and proc.stderr.count("\n") == 1
+    assert leftovers(image, site["state"], site["target"]) == []
+
+
+def test_kdf_above_the_cap_is_refused_before_any_kdf(site, tmp_path):
+    sqfs = reftools.make_squashfs(tmp_path / "t", tmp_path / "t.sqfs", {"a": b"a" * 5000})
+    vol = reftools.luks_encrypt_payload(sqfs, tmp_path / "t.luks", b"pass")  # argon2id, 32 MiB
+    image = reftools.sifref_build(site["dir"] / "capped.sif", vol, fs="encrypted")
+    image.chmod(0o644)
+    config = write_config(tmp_path / "c.yaml", state_dir=str(site["state"]), kdf_max_memory_kib=16384)
+    proc = cli("open", image, site["target"], "--user", USER, "--config", config,
+               env={"APPTAINER_ENCRYPTION_PASSPHRASE": "pass"})
+    assert proc.returncode == 5, proc.stderr
+    assert "needs 32 MiB of memory, above this site's limit of 16 MiB" in proc.stderr
+    assert leftovers(image, site["state"], site["target"]) == []
+
+
+def test_kernel_without_loop_driver(site):
+    """In a mount namespace whose /dev lacks the loop nodes, as in a bare container."""
+    script = (f"mount -t tmpfs tmpfs /dev && exec {os.sys.executable} -m spank_sif open {site['image']} "
+              f"{site['target']} --user {USER} --config {site['config']}")
+    env = dict(os.environ, PYTHONPATH=str(reftools.REPO))
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 7, proc.stderr
+    assert "no free loop device: /dev/loop-control is missing" in proc.stderr
+    assert leftovers(site["image"], site["state"], site["target"]) == []
+
+
+KILL_POINTS = ("session", "loop", "unlocked", "mounted")
+
+
+@pytest.mark.parametrize("step", KILL_POINTS)
+@pytest.mark.parametrize("job", ["cli", "4242.0"])
+def test_killed_between_steps_then_swept(site, step, job):
+    proc = _open(site, "--job", job, env={"SPANK_SIF_KILL_AT": step})
+    assert proc.returncode == -9, (proc.returncode, proc.stderr)
+    assert any(p.suffix == ".json" for p in site["state"].rglob("*")), "the crash left no record to sweep"
+    if job == "cli":
+        swept = cli("cleanup", "--stale", "--config", site["config"])
+        if step == "mounted":  # a finished open: not stale, closed by the admin
+            assert swept.returncode == 0 and swept.stdout == ""
+            swept = cli("close", site["target"], "--config", site["config"])
+    else:
+        swept = cli("epilog", "--job", "4242", "--config", site["config"])
+    assert swept.returncode == 0, swept.stderr
+    assert leftovers(site["image"], site["state"], site["target"]) == []
+
+
+def test_sweep_stale_only_touches_jobs_no_longer_running(site, tmp_path):
+    second = tmp_path / "mnt2"
+    second.mkdir()
+    assert _open(site, "--job", "5001.0").returncode == 0
+    assert _open(site, "--job", "5002.0", target=second).returncode == 0
+    config = SiteConfig(state_dir=str(site["state"]))
+    done = lifecycle.sweep_stale(config, is_running=lambda jid: jid == "5002")
+    assert any(str(site["target"]) in item for item in done)
+    assert not (site["target"] / "hello.txt").exists() and (second / "hello.txt").exists()
+    assert [e["job"] for e in lifecycle.list_active(config)] == ["5002.0"]
+    lifecycle.sweep_job("5002", config)
+    assert leftovers(site["image"], site["state"], second) == []

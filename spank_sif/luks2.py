@@ -255,7 +255,7 @@ def _u64(obj, key, where, high=UINT64_MAX):
 def _b64(obj, key, where, low, high):
     text = _field(obj, key, where, str)
     try:
-        value = base64.b64decode(text[:4 * high], validate=True) if len(text) <= 4 * high else b""
+        value = base64.b64decode(text, validate=True) if len(text) <= 4 * high else b""
     except (binascii.Error, ValueError):
         value = b""
     if not low <= len(value) <= high:

@@ -426,13 +426,18 @@ def unlock(volume: Luks2Volume, fd: int, passphrase, max_kdf_memory_kib: int | N
 
 def open_keyslot(volume: Luks2Volume, fd: int, keyslot: Keyslot, passphrase) -> Secret | None:
     """The volume key held by ``keyslot`` if ``passphrase`` opens it, else None."""
-    digest = next((d for d in volume.digests if keyslot.id in d.keyslots), None)
-    if digest is None:
+    if not any(keyslot.id in d.keyslots for d in volume.digests):
         return None
     with Secret(derive_key(keyslot, passphrase)) as area_key:
-        material = _pread(fd, -(-keyslot.key_size * keyslot.af_stripes // SECTOR) * SECTOR,
-                          volume.offset + keyslot.area_offset, f"keyslot {keyslot.id} area")
-        split = _xts_decrypt(area_key.value, material, SECTOR, 0)
+        return recover_volume_key(volume, fd, keyslot, area_key.value)
+
+
+def recover_volume_key(volume: Luks2Volume, fd: int, keyslot: Keyslot, area_key) -> Secret | None:
+    """Everything after the KDF: decrypt the keyslot area, AF-merge, check against the digest."""
+    digest = next(d for d in volume.digests if keyslot.id in d.keyslots)
+    material = _pread(fd, -(-keyslot.key_size * keyslot.af_stripes // SECTOR) * SECTOR,
+                      volume.offset + keyslot.area_offset, f"keyslot {keyslot.id} area")
+    split = _xts_decrypt(area_key, material, SECTOR, 0)
     candidate = Secret(af_merge(split, keyslot.key_size, keyslot.af_stripes, keyslot.af_hash))
     check = hashlib.pbkdf2_hmac(digest.hash, candidate.value, digest.salt, digest.iterations,
                                 len(digest.digest))

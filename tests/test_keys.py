@@ -3,7 +3,6 @@ reference builder's messages), and the luks_passphrase recipe on images laid out
 import base64
 import os
 import pickle
-import subprocess
 
 import pytest
 from cryptography.hazmat.primitives import serialization

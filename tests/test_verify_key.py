@@ -17,12 +17,14 @@ A, S = "APPTAINER_ENCRYPTION_", "SINGULARITY_ENCRYPTION_"
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    """The key variables the test runner may have, and a site configuration it may point at."""
-    for name in (*keys.DEFAULT_KEY_VARIABLES, "SPANK_SIF_CONFIG"):
+def clean_environment(monkeypatch, tmp_path):
+    """No key variables leak in from the test runner's environment, and the site configuration is
+    the defaults (an empty file), whatever /etc/slurm holds on this machine."""
+    for name in keys.DEFAULT_KEY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SPANK_SIF_CONFIG", "/nonexistent/spank_sif.yaml")  # explicit: must not be used
-    monkeypatch.delenv("SPANK_SIF_CONFIG")
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_bytes(b"")
+    monkeypatch.setenv("SPANK_SIF_CONFIG", str(defaults))
 
 
 class Images:

@@ -6,7 +6,6 @@ dm-crypt: the same key variables, the same PEM unwrap, the same KDF cap, the key
 """
 import argparse
 import os
-import sys
 
 from spank_sif import keys, luks2, sif
 from spank_sif.config import load_config

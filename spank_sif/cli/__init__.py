@@ -41,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spank-sif {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"spank_sif.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"spank_sif.cli.{name}":
-                raise
-            continue  # a command group not built yet
-        module.register(sub)
+        importlib.import_module(f"spank_sif.cli.{name}").register(sub)
     return parser
 
 

@@ -5,12 +5,14 @@ import os
 import pickle
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import reftools
 from spank_sif import keys, sif
-from spank_sif.errors import ImageError, KeyMaterialError, WrongKeyError
+from spank_sif.errors import ImageError, KeyMaterialError, SifError, WrongKeyError
 
 # ---------------------------------------------------------------------------------------------
 # Secret
@@ -340,3 +342,31 @@ def test_generated_pair_is_pkcs1_and_works(reference):
                           key=reference[2048][3].parent / "2048.key")
     assert bytes(keys.unwrap_key(keys.load_private_key(private, "new"), _message(out)).value) == \
         reference[2048][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing: whatever the bytes, a typed error (or a key), never a traceback.
+
+LABELS = st.sampled_from(["RSA PRIVATE KEY", "PRIVATE KEY", "ENCRYPTED PRIVATE KEY", "OPENSSH PRIVATE KEY",
+                          "EC PRIVATE KEY", "MESSAGE", "RSA PUBLIC KEY", "X"])
+ARMOURED = st.builds(lambda label, body: b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (
+    label.encode(), base64.encodebytes(body), label.encode()), LABELS, st.binary(max_size=700))
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
+@given(pem=ARMOURED | st.binary(max_size=300))
+def test_fuzz_private_keys(pem):
+    try:
+        keys.load_private_key(pem, "KEY")
+    except KeyMaterialError as err:
+        assert "\n" not in str(err)
+
+
+@FUZZ
+@given(message=ARMOURED | st.binary(max_size=300))
+def test_fuzz_messages(rsa_key, message):
+    try:
+        keys.unwrap_key(rsa_key, message)
+    except (ImageError, WrongKeyError) as err:
+        assert isinstance(err, SifError) and "\n" not in str(err)

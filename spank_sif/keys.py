@@ -13,7 +13,6 @@ damage limitation, not a guarantee; nothing here ever writes a secret anywhere.
 """
 import base64
 import binascii
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -115,21 +114,29 @@ def find_key_source(env: Mapping[str, str], variables=DEFAULT_KEY_VARIABLES) -> 
 # ---------------------------------------------------------------------------------------------
 # PEM private keys
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
 CONVERT_OPENSSH = "convert it with: ssh-keygen -p -m pem -f KEY"
 CONVERT_ENCRYPTED = "remove the passphrase with: openssl rsa -in KEY -out KEY.pem -traditional"
 
 
 def _pem_blocks(data: bytes):
-    """(label, headers, der) of each PEM block in ``data``; der is None if the base64 is broken."""
-    for match in _PEM_BLOCK.finditer(data):
-        label, body = match.group(1).decode(), match.group(2)
-        headers, _, text = body.rpartition(b"\n\n") if b":" in body.split(b"\n", 1)[0] else (b"", b"", body)
-        try:
-            der = base64.b64decode(b"".join(text.split()), validate=True)
-        except (binascii.Error, ValueError):
-            der = None
-        yield label, headers, der
+    """(label, headers, der) of each PEM block in ``data``; der is None if the base64 is broken.
+
+    Line by line, in linear time whatever the input (a regex over hostile text can go quadratic)."""
+    label = None
+    for line in data.splitlines():
+        line = line.strip()
+        if label is None:
+            if line.startswith(b"-----BEGIN ") and line.endswith(b"-----") and len(line) > 16:
+                label, headers, body = line[11:-5], [], []
+        elif line == b"-----END " + label + b"-----":
+            try:
+                der = base64.b64decode(b"".join(body), validate=True)
+            except (binascii.Error, ValueError):
+                der = None
+            yield label.decode("ascii", "replace"), b"\n".join(headers), der
+            label = None
+        else:  # RFC 1421 headers ("Proc-Type: 4,ENCRYPTED") have a colon; base64 never does
+            (headers if b":" in line else body).append(line)
 
 
 def load_private_key(pem: bytes, origin: str):

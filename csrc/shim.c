@@ -55,6 +55,7 @@ SPANK_PLUGIN(sif, 1);
 
 #define SHIM_DEFAULT_STATE_DIR "/run/spank-sif"
 #define SHIM_IMAGE_ENV "SLURM_SIF_IMAGE"
+#define SHIM_ROOT_ENV "SIF_IMAGE_ROOT"
 #define SHIM_EXTERN_STEP 0xfffffffcU /* SLURM_EXTERN_CONT in slurm.h */
 
 static int py_dispatch(const char *cb, spank_t sp, int ac, char **av); /* extern "Python" (cdef) */
@@ -373,6 +374,9 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
         /* "--sif-image=" switches an inherited default off for this command and its steps. */
         if (option_given && ctx != S_CTX_REMOTE)
             unsetenv(SHIM_IMAGE_ENV);
+        /* A step without image inside a batch job that has one: don't point at an empty dir. */
+        if (ctx == S_CTX_REMOTE && spank_unsetenv)
+            spank_unsetenv(sp, SHIM_ROOT_ENV);
         return 0;
     }
     step_active = 1;

@@ -30,6 +30,7 @@ from spank_sif.errors import ConfigError, SifError
 
 ENV_IMAGE_ROOT = "SIF_IMAGE_ROOT"
 PLUGSTACK_KEYS = ("config", "python", "state_dir")
+SUBMIT_CONTEXTS = ("local", "allocator")
 INTERNAL_ERROR = "internal error on this node; the admin finds the details in slurmd's log"
 
 
@@ -144,9 +145,11 @@ def node_init_post_opt(sp, args) -> None:
         if image is None:
             return
         env = take_key_variables(sp, step.config)
-        job = lifecycle.StepRef(job_id=spank.job_id(sp), step_id=spank.step_id(sp))
-        step.unlocked = lifecycle.unlock(image, _step_user(sp), env, job, step.config)
-        env.clear()
+        try:
+            step.unlocked = lifecycle.unlock(image, _step_user(sp), env, step_label(sp),
+                                             step.config, cwd=_job_cwd(sp))
+        finally:
+            env.clear()
     except SifError as err:
         step.error = str(err)
         spank.log("error", f"job {_job_text(sp)}: {err}")
@@ -154,9 +157,25 @@ def node_init_post_opt(sp, args) -> None:
         step.error = _internal_error("init_post_opt")
 
 
+# Slurm's special step ids (slurm.h), named as squeue shows them.
+SPECIAL_STEPS = {0xFFFFFFFB: "batch", 0xFFFFFFFA: "interactive", 0xFFFFFFFC: "extern"}
+
+
+def step_label(sp) -> str:
+    """``<job>.<step>`` (e.g. ``42.0``, ``42.batch``): labels the step's objects on the node."""
+    step_id = spank.step_id(sp)
+    return f"{spank.job_id(sp)}.{SPECIAL_STEPS.get(step_id, step_id)}"
+
+
+def _job_cwd(sp) -> str | None:
+    # Relative key file paths are relative to where the user ran srun/sbatch (tasks start there).
+    cwd = spank.getenv(sp, "PWD")
+    return cwd if cwd and os.path.isabs(cwd) else None
+
+
 def _job_text(sp) -> str:
     try:
-        return f"{spank.job_id(sp)}.{spank.step_id(sp)}"
+        return step_label(sp)
     except SifError:
         return "?"
 
@@ -187,11 +206,11 @@ def node_task_init_privileged(sp, args) -> None:
 def node_exit(sp, args) -> None:
     if step.unlocked is not None:
         unlocked, step.unlocked = step.unlocked, None
-        lifecycle.release(unlocked.name, step.config)
+        lifecycle.release(unlocked, step.config)
 
 
 def job_epilog(sp, args) -> None:
-    lifecycle.sweep_job(spank.job_id(sp), load_site_config(args))
+    lifecycle.sweep_job(str(spank.job_id(sp)), load_site_config(args))
 
 
 class _AlreadyReported(Exception):
@@ -220,9 +239,12 @@ def dispatch(callback: str, sp, args: list) -> int:
     except _AlreadyReported:
         return -1
     except SifError as err:
-        # Submit side: the user sees it directly. Nodes: the callbacks above keep their own.
-        spank.tell_user(str(err))
-        spank.log("error", f"{callback}: {err}")
+        # srun/sbatch: the user's terminal is the log. Nodes: step errors are kept and told by the
+        # handlers above; what gets here (exit, epilog) has no user to tell.
+        if spank.context() in SUBMIT_CONTEXTS:
+            spank.tell_user(str(err))
+        else:
+            spank.log("error", f"{callback}: {err}")
         return -1
     except Exception:
         _internal_error(callback)

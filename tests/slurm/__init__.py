@@ -105,6 +105,27 @@ def ensure_munge() -> None:
     raise SlurmError("munged does not answer")
 
 
+def prepare_vm_node(host: str) -> None:
+    """Inside the VM harness's guest (no NIC, bare cgroup2, no systemd): what Slurm needs
+    (shared/notes/vm-harness.md). Idempotent."""
+    hosts = Path("/etc/hosts")
+    if not Path("/sys/class/net/sv0").exists():
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "add", "sv0", "type", "dummy"],
+                    ["ip", "addr", "add", "169.254.77.1/32", "dev", "sv0"],
+                    ["ip", "link", "set", "sv0", "up"]):
+            subprocess.run(cmd, check=True)
+    if f"169.254.77.1 {host}" not in hosts.read_text():
+        with hosts.open("a") as f:
+            f.write(f"169.254.77.1 {host}\n")
+    cg = Path("/sys/fs/cgroup")
+    if not (cg / "cgroup.controllers").exists():
+        subprocess.run(["mount", "-t", "cgroup2", "none", str(cg)], check=True)
+    (cg / "system.slice").mkdir(exist_ok=True)
+    wanted = [c for c in ("cpu", "memory", "pids", "cpuset")
+              if c in (cg / "cgroup.controllers").read_text().split()]
+    (cg / "cgroup.subtree_control").write_text(" ".join("+" + c for c in wanted))
+
+
 class SlurmCluster:
     def __init__(self, root):
         self.root = Path(root)
@@ -133,7 +154,9 @@ class SlurmCluster:
         out = subprocess.run([f"{PREFIX}/bin/spank-sif", "plugstack-line", "--config",
                               str(self.site_config), "--state-dir", str(self.state_dir)],
                              capture_output=True, text=True, check=True)
-        return " ".join([out.stdout.strip(), *extra])
+        overridden = {word.split("=", 1)[0] + "=" for word in extra}
+        words = [w for w in out.stdout.split() if not w.startswith(tuple(overridden))]
+        return " ".join([*words, *extra])
 
     def set_plugin(self, enabled: bool, extra=()) -> None:
         """Load the plugin (or not) in srun/sbatch/stepd from now on (they re-read plugstack.conf;
@@ -148,6 +171,8 @@ class SlurmCluster:
         os.chmod(self.site_config, 0o644)
 
     def start(self) -> None:
+        if os.environ.get("SPANK_SIF_IN_VM") == "1":
+            prepare_vm_node(self.host)
         ensure_users()
         ensure_munge()
         self.write_configs()
@@ -200,7 +225,7 @@ class SlurmCluster:
         env.update(extra)
         return env
 
-    def run(self, argv, user="sifuser", env=None, timeout=120, cwd=None, input=None, check=False):
+    def run(self, argv, user="sifuser", env=None, timeout=90, cwd=None, input=None, check=False):
         """Run a Slurm command as ``user``; returns the CompletedProcess (text)."""
         entry = pwd.getpwnam(user)
         groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]

@@ -1,0 +1,139 @@
+"""pytest fixtures and checks for the real-Slurm tests (host and VM).
+
+``slurm_cluster``: one single-node Slurm per test session, the installed plugin in its plugstack.
+``plain_images``: small SIF images made here (squashfs, no dm-crypt needed) in a world-readable dir.
+``leftovers(cluster)``: whatever a job left on the node (loop devices, mounts, mappings, records).
+"""
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import reftools
+from slurm import SlurmCluster
+from spank_sif import sif
+
+HELLO = b"hello from a plain SIF\n"
+
+
+def _require_slurm() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("real-Slurm tests start slurmctld/slurmd and need root")
+    missing = [tool for tool in ("slurmctld", "slurmd", "srun", "munged") if not shutil.which(
+        tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    if missing:
+        pytest.fail(f"Slurm tools missing: {', '.join(missing)} (scripts/install.sh)")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    _require_slurm()
+    root = Path(tempfile.mkdtemp(prefix="spank-sif-slurm-", dir="/tmp"))
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def cluster(slurm_cluster):
+    """The session's cluster with the plugin loaded and a default site config, restored after."""
+    slurm_cluster.set_plugin(True)
+    slurm_cluster.write_site_config(site_yaml(slurm_cluster))
+    yield slurm_cluster
+    slurm_cluster.run(["scancel", "--full", "-u", "sifuser"], user="root")
+    slurm_cluster.run(["scancel", "--full", "-u", "sifother"], user="root")
+    slurm_cluster.wait_jobs_done()
+    slurm_cluster.set_plugin(True)
+    slurm_cluster.write_site_config(site_yaml(slurm_cluster))
+
+
+def site_yaml(cluster, extra: str = "") -> str:
+    return f"mount_point: {cluster.root / 'sif'}\n{extra}"
+
+
+def mount_point(cluster) -> str:
+    return str(cluster.root / "sif")
+
+
+def write_image(path: Path, partition: bytes, fs_type=sif.FsType.SQUASHFS, mode=0o644) -> Path:
+    sif.write_sif(str(path), sif.apptainer_layout(partition, fs_type))
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.fixture(scope="session")
+def plain_images(slurm_cluster):
+    """Images every test user can reach (the cluster root is 0755), by name."""
+    d = slurm_cluster.root / "images"
+    d.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(d, 0o755)
+    squashfs = reftools.make_squashfs(d / "tree", d / "rootfs.sqfs", {"hello.txt": HELLO}).read_bytes()
+    encrypted = reftools.luks_encrypt_payload(d / "rootfs.sqfs", d / "payload.luks", b"secret-pass")
+    images = {
+        "plain": write_image(d / "plain.sif", squashfs),
+        "root_only": write_image(d / "root-only.sif", squashfs, mode=0o600),
+        "not_sif": d / "not-a-sif.sif",
+        "gocryptfs": write_image(d / "gocryptfs.sif", squashfs, sif.FsType.GOCRYPTFS_SQUASHFS),
+        "encrypted": write_image(d / "encrypted.sif", encrypted.read_bytes(),
+                                 sif.FsType.ENCRYPTED_SQUASHFS),
+    }
+    images["not_sif"].write_bytes(b"#!/bin/sh\necho I am not a SIF image\n" * 10)
+    os.chmod(images["not_sif"], 0o644)
+    allowed = d / "allowed"
+    allowed.mkdir(mode=0o755, exist_ok=True)
+    images["allowed"] = allowed
+    return images
+
+
+def sif_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "sif-image:" in line]
+
+
+def assert_one_error(result, *words) -> str:
+    """The user saw exactly one 'sif-image:' line naming the cause, and the job failed."""
+    lines = sif_lines(result.stderr)
+    assert result.returncode != 0, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sif-image: "), lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+def leftovers(cluster) -> list[str]:
+    """Loop devices over files of this cluster, mounts at its mount point in any mount namespace,
+    spank-sif device-mapper nodes, and state records: after a job ends, all must be gone."""
+    found = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if str(cluster.root) in backing.read_text():
+                found.append(f"loop {backing.parent.parent.name}: {backing.read_text().strip()}")
+        except OSError:
+            pass
+    target = f" {mount_point(cluster)} "
+    for info in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            if target in info.read_text():
+                found.append(f"mount in the namespace of pid {info.parent.name}")
+        except OSError:
+            pass
+    found += [f"mapping {p.name}" for p in Path("/dev/mapper").glob("spank-sif-*")]
+    if cluster.state_dir.exists():
+        found += [f"state {p.relative_to(cluster.state_dir)}" for p in cluster.state_dir.rglob("*")]
+    return found
+
+
+def wait_no_leftovers(cluster, timeout=30) -> list[str]:
+    """Step teardown (remote exit) and the epilog run after srun returns: wait for them."""
+    cluster.wait_jobs_done()
+    deadline = time.monotonic() + timeout
+    while (left := leftovers(cluster)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

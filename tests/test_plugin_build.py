@@ -1,0 +1,87 @@
+"""The installed plugin: one shared object that is both a Slurm plugin and a Python module.
+
+Checked on the artifact `pip install .` produced in the plugin's environment ($SPANK_SIF_PREFIX,
+default /opt/spank-sif), the one the Slurm tests load.
+"""
+import os
+import re
+import subprocess
+
+import pytest
+
+PREFIX = os.environ.get("SPANK_SIF_PREFIX", "/opt/spank-sif")
+PYTHON = os.path.join(PREFIX, "bin", "python3")
+
+
+def installed(*argv) -> str:
+    if not os.path.exists(PYTHON):
+        pytest.fail(f"{PYTHON} missing: run scripts/install.sh")
+    return subprocess.run([PYTHON, *argv], capture_output=True, text=True, check=True, cwd="/").stdout
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    return installed("-m", "spank_sif", "plugin-path").strip()
+
+
+def test_plugin_path_is_the_extension_inside_the_package(plugin):
+    assert os.path.isabs(plugin) and os.path.isfile(plugin)
+    assert re.search(r"/site-packages/spank_sif/_plugin\.cpython-3\d+-[^/]*\.so$", plugin), plugin
+
+
+def test_plugstack_line(plugin):
+    line = installed("-m", "spank_sif", "plugstack-line", "--config", "/etc/slurm/x.yaml").split()
+    assert line == ["required", plugin, f"python={PREFIX}/bin/python3", "config=/etc/slurm/x.yaml"]
+    bad = subprocess.run([PYTHON, "-m", "spank_sif", "plugstack-line", "--config", "rel.yaml"],
+                         capture_output=True, text=True, cwd="/")
+    assert bad.returncode != 0 and "absolute" in bad.stderr
+
+
+def dynamic(plugin) -> str:
+    return subprocess.run(["readelf", "-d", "--dyn-syms", "-W", plugin], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_links_its_own_libpython_with_rpath(plugin):
+    text = dynamic(plugin)
+    assert re.search(r"\(NEEDED\).*\[libpython3\.\d+\.so\.1\.0\]", text)
+    assert "(RPATH)" in text and "(RUNPATH)" not in text   # RPATH beats the user's LD_LIBRARY_PATH
+
+
+def exported(plugin) -> set:
+    out = subprocess.run(["nm", "-D", "--defined-only", plugin], capture_output=True, text=True,
+                         check=True).stdout
+    return {line.split()[-1] for line in out.splitlines()}
+
+
+def test_exports_what_slurm_needs_and_nothing_it_would_call_by_mistake(plugin):
+    names = exported(plugin)
+    assert {"plugin_name", "plugin_type", "plugin_version", "spank_plugin_version",
+            "slurm_spank_init", "slurm_spank_init_post_opt", "slurm_spank_user_init",
+            "slurm_spank_task_init_privileged", "slurm_spank_exit",
+            "slurm_spank_job_epilog"} <= names
+    # Slurm's loader calls exported init()/fini(); slurmd runs `spank prolog` for job_prolog.
+    assert not {"init", "fini", "slurm_spank_job_prolog", "spank_options"} & names
+
+
+def test_built_for_the_installed_slurm_headers():
+    header = open("/usr/include/slurm/slurm_version.h").read()
+    number = int(re.search(r"#define SLURM_VERSION_NUMBER (0x[0-9a-fA-F]+)", header).group(1), 16)
+    got = installed("-c", "from spank_sif._plugin import lib; print(lib.shim_slurm_version())")
+    assert int(got) == number
+
+
+def test_imports_in_plain_python_with_weak_spank_symbols():
+    """Outside Slurm every host symbol is NULL: the module loads and the wrappers say so."""
+    code = """
+from spank_sif import spank
+from spank_sif._plugin import lib
+print(lib.shim_have_host(), spank.context(), spank.option_value())
+try:
+    spank.getenv(spank._ffi().NULL, "X")
+except spank.SpankCallError as err:
+    print("refused:", err)
+"""
+    lines = installed("-c", code).splitlines()
+    assert lines[0] == "0 error None"
+    assert lines[1].startswith("refused: spank_getenv(X) failed (SPANK error 3009)")

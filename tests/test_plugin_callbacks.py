@@ -1,0 +1,248 @@
+"""spank_sif.callbacks through a fake of spank_sif.spank (the one allowed seam).
+
+The engine underneath is the real one: these tests stop at failures it reports before touching the
+kernel (missing image, not a SIF, policy); the mounts themselves are tested under real Slurm.
+"""
+import os
+
+import pytest
+
+from spank_sif import callbacks, options
+from spank_sif.errors import SifError
+
+SECRET = "correct horse battery staple"
+
+
+class FakeSpank:
+    """Records what the callbacks asked of Slurm; the job environment is a dict."""
+
+    def __init__(self, context="remote", option=None, job_env=None, state_dir="/run/spank-sif",
+                 uid=None, gid=None):
+        self._context, self._option, self._state_dir = context, option, state_dir
+        self.job_env = dict(job_env or {})
+        self.job_control = {}
+        self.user_lines, self.log_lines = [], []
+        self.ids = {"uid": os.getuid() if uid is None else uid,
+                    "gid": os.getgid() if gid is None else gid,
+                    "job": 42, "step": 0, "task": 0}
+
+    def context(self):
+        return self._context
+
+    def option_value(self):
+        return self._option
+
+    def option_conflict(self):
+        return False
+
+    def state_dir(self):
+        return self._state_dir
+
+    def job_id(self, sp):
+        return self.ids["job"]
+
+    def step_id(self, sp):
+        return self.ids["step"]
+
+    def uid(self, sp):
+        return self.ids["uid"]
+
+    def gid(self, sp):
+        return self.ids["gid"]
+
+    def task_id(self, sp):
+        return self.ids["task"]
+
+    def getenv(self, sp, name):
+        return self.job_env.get(name)
+
+    def setenv(self, sp, name, value, overwrite=True):
+        self.job_env[name] = value
+
+    def unsetenv(self, sp, name):
+        self.job_env.pop(name, None)
+
+    def job_control_setenv(self, sp, name, value):
+        self.job_control[name] = value
+
+    def log(self, level, message):
+        self.log_lines.append((level, message))
+
+    def tell_user(self, message):
+        self.user_lines.append(message)
+
+    def everything_said(self) -> str:
+        return "\n".join(self.user_lines + [m for _, m in self.log_lines])
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    def make(**kw):
+        kw.setdefault("state_dir", str(tmp_path / "state"))
+        spank = FakeSpank(**kw)
+        monkeypatch.setattr(callbacks, "spank", spank)
+        monkeypatch.setattr(callbacks, "step", callbacks.Step())
+        return spank
+    return make
+
+
+@pytest.fixture
+def site(tmp_path):
+    """Plugstack args naming a site config in tmp_path (state_dir matching the fake's)."""
+    def make(text=""):
+        path = tmp_path / "spank_sif.yaml"
+        path.write_text(f"state_dir: {tmp_path / 'state'}\n{text}")
+        return [f"config={path}"]
+    return make
+
+
+def run_step(spank, args, tasks=1):
+    """The remote callbacks of one step, in Slurm's order; returns the task callbacks' results."""
+    results = [callbacks.dispatch("init_post_opt", None, args),
+               callbacks.dispatch("user_init", None, args)]
+    for task in range(tasks):
+        spank.ids["task"] = task
+        results.append(callbacks.dispatch("task_init_privileged", None, args))
+    results.append(callbacks.dispatch("exit", None, args))
+    return results
+
+
+# ------------------------------------------------------------------ submit side
+
+@pytest.mark.parametrize("context", ["local", "allocator"])
+def test_submit_side_exports_the_absolute_path(fake, monkeypatch, tmp_path, context):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(options.ENV_DEFAULT, raising=False)
+    spank = fake(context=context, option="img/app.sif")
+    assert callbacks.dispatch("init_post_opt", None, []) == 0
+    assert os.environ[options.ENV_DEFAULT] == str(tmp_path / "img/app.sif")
+    assert spank.job_control == {options.OPTION_ENV: str(tmp_path / "img/app.sif")}
+
+
+def test_submit_side_env_default_needs_no_job_control_entry(fake, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(options.ENV_DEFAULT, "a.sif")
+    spank = fake(context="local", option=None)
+    assert callbacks.dispatch("init_post_opt", None, []) == 0
+    assert os.environ[options.ENV_DEFAULT] == str(tmp_path / "a.sif")
+    assert spank.job_control == {}
+
+
+def test_submit_side_bad_value_fails_with_one_line(fake, monkeypatch):
+    monkeypatch.delenv(options.ENV_DEFAULT, raising=False)
+    spank = fake(context="local", option="bad\nname.sif")
+    assert callbacks.dispatch("init_post_opt", None, []) == -1
+    assert len(spank.user_lines) == 1 and "newline" in spank.user_lines[0]
+
+
+@pytest.mark.parametrize("context,callback", [("local", "user_init"), ("slurmd", "init"),
+                                              ("remote", "task_init"), ("job_script", "job_prolog")])
+def test_callbacks_without_a_handler_do_nothing(fake, context, callback):
+    spank = fake(context=context)
+    assert callbacks.dispatch(callback, None, []) == 0
+    assert spank.everything_said() == ""
+
+
+# ------------------------------------------------------------------ node side
+
+def test_step_without_image_does_nothing(fake, site):
+    spank = fake(option=None)
+    assert run_step(spank, site(), tasks=2) == [0, 0, 0, 0, 0]
+    assert "SIF_IMAGE_ROOT" not in spank.job_env and spank.everything_said() == ""
+
+
+def test_missing_image_is_reported_once_and_fails_every_task(fake, site, tmp_path):
+    image = tmp_path / "missing.sif"
+    spank = fake(option=str(image), job_env={"APPTAINER_ENCRYPTION_PASSPHRASE": SECRET})
+    results = run_step(spank, site(), tasks=3)
+    assert results == [0, 0, -1, -1, -1, 0]  # init_post_opt must not fail: srun would see nothing
+    assert len(spank.user_lines) == 1 and str(image) in spank.user_lines[0]
+    assert "\n" not in spank.user_lines[0]
+    assert "APPTAINER_ENCRYPTION_PASSPHRASE" not in spank.job_env   # stripped from the tasks
+    assert SECRET not in spank.everything_said()
+    assert not list(tmp_path.glob("state/*/*"))                      # no record left behind
+
+
+def test_not_a_sif_is_reported(fake, site, tmp_path):
+    image = tmp_path / "plain.txt"
+    image.write_bytes(b"hello, not a SIF\n" * 100)
+    spank = fake(option=str(image))
+    assert run_step(spank, site()) == [0, 0, -1, 0]
+    assert len(spank.user_lines) == 1 and "SIF" in spank.user_lines[0]
+
+
+def test_site_may_keep_key_variables(fake, site, tmp_path):
+    spank = fake(option=str(tmp_path / "missing.sif"),
+                 job_env={"APPTAINER_ENCRYPTION_PASSPHRASE": SECRET})
+    run_step(spank, site("strip_key_variables: false\n"))
+    assert spank.job_env["APPTAINER_ENCRYPTION_PASSPHRASE"] == SECRET
+
+
+def test_relative_option_uses_the_jobs_absolute_export(fake, site, tmp_path):
+    spank = fake(option="gone.sif", job_env={options.ENV_DEFAULT: str(tmp_path / "gone.sif")})
+    run_step(spank, site())
+    assert str(tmp_path / "gone.sif") in spank.user_lines[0]
+
+
+CONFIG_ERRORS = [
+    # site config text (None: plugstack args below), plugstack args, words in the one line
+    ("mount_point: relative\n", [], ["spank_sif.yaml", "mount_point"]),
+    ("no_such_key: 1\n", [], ["spank_sif.yaml", "no_such_key"]),
+    ("", ["colour=blue"], ["plugstack.conf", "colour=blue"]),
+    (None, ["config=/nonexistent/spank_sif.yaml"], ["/nonexistent/spank_sif.yaml", "not found"]),
+]
+
+
+@pytest.mark.parametrize("text,extra,words", CONFIG_ERRORS)
+def test_bad_site_config_fails_closed_naming_file_and_key(fake, site, tmp_path, text, extra, words):
+    spank = fake(option=str(tmp_path / "app.sif"))
+    args = (site(text) if text is not None else []) + extra
+    assert run_step(spank, args) == [0, 0, -1, 0]
+    assert len(spank.user_lines) == 1
+    for word in words:
+        assert word in spank.user_lines[0]
+
+
+def test_state_dir_must_match_what_the_shim_checks(fake, site, tmp_path):
+    spank = fake(option=str(tmp_path / "app.sif"), state_dir="/somewhere/else")
+    assert run_step(spank, site()) == [0, 0, -1, 0]
+    assert "state_dir=" in spank.user_lines[0]
+
+
+def test_bug_is_logged_with_traceback_but_user_sees_one_generic_line(fake, site, tmp_path):
+    spank = fake(option=str(tmp_path / "app.sif"))
+
+    def broken(sp):
+        raise ZeroDivisionError("a bug")
+    spank.uid = broken
+    assert run_step(spank, site()) == [0, 0, -1, 0]
+    assert spank.user_lines == [callbacks.INTERNAL_ERROR]
+    assert any("ZeroDivisionError" in m for _, m in spank.log_lines)
+
+
+def test_job_epilog_sweeps_the_job(fake, site, monkeypatch):
+    spank = fake(context="job_script")
+    swept = []
+    monkeypatch.setattr(callbacks.lifecycle, "sweep_job", lambda job, config: swept.append(job))
+    assert callbacks.dispatch("job_epilog", None, site()) == 0
+    assert swept == ["42"]
+
+
+def test_step_labels_name_special_steps(fake):
+    spank = fake()
+    for step_id, label in [(0, "42.0"), (7, "42.7"), (0xFFFFFFFB, "42.batch"),
+                           (0xFFFFFFFA, "42.interactive")]:
+        spank.ids["step"] = step_id
+        assert callbacks.step_label(None) == label
+
+
+def test_output_router_sends_lines_to_the_log(fake):
+    spank = fake()
+    writer = callbacks._LogWriter("error")
+    writer.write("one\ntwo")
+    writer.flush()
+    assert spank.log_lines == [("error", "one"), ("error", "two")]
+
+
+def test_errors_are_sif_errors():
+    assert issubclass(callbacks.spank.SpankCallError, SifError)

@@ -1,0 +1,222 @@
+"""The plugin under a real Slurm 22.05 (slurmctld + slurmd started here), jobs run as ordinary users.
+
+Everything that needs no dm-crypt: loading, --help, option propagation (srun, sbatch, salloc,
+nested sruns, the SLURM_SIF_IMAGE default), plain SIF images mounted through loop + squashfs, every
+error path the host kernel allows, and a crashed step cleaned up by the epilog. Each error: one
+'sif-image:' line on the user's stderr, a non-zero exit, nothing left on the node.
+"""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from slurm.fixtures import (HELLO, assert_one_error, cluster, leftovers, mount_point,  # noqa: F401
+                            plain_images, sif_lines, site_yaml, slurm_cluster, wait_no_leftovers)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.root]
+
+SHOW = 'echo "root=$SIF_IMAGE_ROOT image=$SLURM_SIF_IMAGE"; cat "$SIF_IMAGE_ROOT/hello.txt"'
+
+
+def user_copy(cluster, image, user="sifuser", name="app.sif"):
+    """A copy of ``image`` in the user's home (for relative paths), owned by the user."""
+    home = f"/home/{user}"
+    dest = os.path.join(home, name)
+    with open(image, "rb") as src, open(dest, "wb") as out:
+        out.write(src.read())
+    os.chown(dest, *_ids(user))
+    return dest
+
+
+def _ids(user):
+    import pwd
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
+
+
+# ------------------------------------------------------------------ loading, help, zero cost
+
+@pytest.mark.parametrize("command", ["srun", "sbatch", "salloc"])
+def test_help_lists_the_option(cluster, command):
+    out = cluster.run([command, "--help"])
+    assert "--sif-image=PATH" in out.stdout, out.stdout + out.stderr
+    assert "SLURM_SIF_IMAGE" in out.stdout
+
+
+def test_steps_without_image_never_start_python(cluster, plain_images):
+    """With python= pointing nowhere, Python cannot start: jobs without --sif-image must still run
+    (srun, its step, the epilog), and a job with it must fail closed and say why."""
+    cluster.set_plugin(True, extra=["python=/nonexistent/bin/python3"])
+    ok = cluster.run(["srun", "-n2", "--overcommit", "sh", "-c", "echo ran"])
+    assert ok.returncode == 0 and ok.stdout.count("ran") == 2, ok.stderr
+    assert sif_lines(ok.stderr) == []
+    batch = cluster.run(["sbatch", "--wait", "-o", "/dev/null", "--wrap", "true"])
+    assert batch.returncode == 0, batch.stderr
+    cluster.wait_jobs_done()
+    assert "drain" not in cluster.run(["sinfo", "-h", "-o", "%T"], user="root").stdout
+    bad = cluster.run(["srun", f"--sif-image={plain_images['plain']}", "true"])
+    assert bad.returncode != 0
+    assert "cannot start the plugin's Python: python=/nonexistent/bin/python3" in bad.stderr
+
+
+# ------------------------------------------------------------------ plain images, option propagation
+
+def test_srun_mounts_a_plain_image(cluster, plain_images):
+    out = cluster.run(["srun", f"--sif-image={plain_images['plain']}", "sh", "-c", SHOW])
+    assert out.returncode == 0, out.stderr
+    assert f"root={mount_point(cluster)} image={plain_images['plain']}" in out.stdout
+    assert HELLO.decode() in out.stdout
+    assert sif_lines(out.stderr) == []
+    assert wait_no_leftovers(cluster) == []
+
+
+def test_relative_path_and_several_tasks(cluster, plain_images):
+    image = user_copy(cluster, plain_images["plain"])
+    out = cluster.run(["srun", "-n", "3", "--overcommit", "--sif-image=app.sif", "sh", "-c", SHOW])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(HELLO.decode()) == 3
+    assert f"image={image}" in out.stdout
+    assert wait_no_leftovers(cluster) == []
+
+
+def test_environment_default(cluster, plain_images):
+    out = cluster.run(["srun", "sh", "-c", SHOW], env={"SLURM_SIF_IMAGE": str(plain_images["plain"])})
+    assert out.returncode == 0 and HELLO.decode() in out.stdout, out.stderr
+    off = cluster.run(["srun", "--sif-image=", "sh", "-c", 'echo "[$SIF_IMAGE_ROOT]"'],
+                      env={"SLURM_SIF_IMAGE": str(plain_images["plain"])})
+    assert off.returncode == 0 and "[]" in off.stdout, off.stderr
+
+
+def test_key_variables_do_not_reach_the_tasks(cluster, plain_images):
+    env = {"APPTAINER_ENCRYPTION_PASSPHRASE": "hunter2", "SINGULARITY_ENCRYPTION_PEM_DATA": "x"}
+    out = cluster.run(["srun", f"--sif-image={plain_images['plain']}", "env"], env=env)
+    assert out.returncode == 0, out.stderr
+    assert "_ENCRYPTION_" not in out.stdout
+    assert "hunter2" not in cluster.log("slurmd")
+    # Without an image the plugin leaves the job's environment alone.
+    plain = cluster.run(["srun", "env"], env=env)
+    assert "APPTAINER_ENCRYPTION_PASSPHRASE=hunter2" in plain.stdout
+
+
+def test_sbatch_script_and_nested_sruns(cluster, plain_images):
+    image = user_copy(cluster, plain_images["plain"])
+    other = user_copy(cluster, plain_images["plain"], name="other.sif")
+    script = f"""#!/bin/sh
+#SBATCH --sif-image=app.sif
+echo "batch $SIF_IMAGE_ROOT $SLURM_SIF_IMAGE"; cat "$SIF_IMAGE_ROOT/hello.txt"
+srun sh -c 'echo "nested $SLURM_SIF_IMAGE"; cat "$SIF_IMAGE_ROOT/hello.txt"'
+srun --sif-image=other.sif sh -c 'echo "own $SLURM_SIF_IMAGE"'
+srun --sif-image= sh -c 'echo "none [$SIF_IMAGE_ROOT]"'
+"""
+    out_file = "/home/sifuser/batch.out"
+    res = cluster.run(["sbatch", "--wait", "-o", out_file], input=script)
+    assert res.returncode == 0, res.stderr
+    text = open(out_file).read()
+    os.unlink(out_file)
+    assert f"batch {mount_point(cluster)} {image}" in text
+    assert f"nested {image}" in text
+    assert f"own {other}" in text
+    assert "none []" in text
+    assert text.count(HELLO.decode()) == 2
+    assert wait_no_leftovers(cluster) == []
+
+
+def test_salloc(cluster, plain_images):
+    out = cluster.run(["salloc", f"--sif-image={plain_images['plain']}", "srun", "sh", "-c", SHOW])
+    assert out.returncode == 0, out.stderr
+    assert HELLO.decode() in out.stdout
+    assert wait_no_leftovers(cluster) == []
+
+
+def test_other_users_do_not_see_the_mount(cluster, plain_images):
+    job = subprocess.Popen(
+        ["srun", f"--sif-image={plain_images['plain']}", "sh", "-c",
+         'cat "$SIF_IMAGE_ROOT/hello.txt"; sleep 20'],
+        env=cluster.env("sifuser"), user="sifuser", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert job.stdout.readline() == HELLO.decode()
+        other = cluster.run(["srun", "--oversubscribe", "sh", "-c",
+                             f'ls -A {mount_point(cluster)}; grep -c squashfs /proc/self/mountinfo'],
+                            user="sifother")
+        assert other.returncode != 0 or "hello.txt" not in other.stdout, other.stdout
+        with open("/proc/self/mountinfo") as f:
+            assert f" {mount_point(cluster)} " not in f.read()
+    finally:
+        job.send_signal(signal.SIGINT)
+        job.communicate(timeout=60)
+    assert wait_no_leftovers(cluster) == []
+
+
+# ------------------------------------------------------------------ errors
+
+ERRORS = [
+    # image key (or literal path), extra site config, words expected in the one line
+    ("/nonexistent/app.sif", "", ["/nonexistent/app.sif", "does not exist"]),
+    ("root_only", "", ["cannot read"]),
+    ("not_sif", "", ["not a SIF"]),
+    ("gocryptfs", "", ["gocryptfs"]),
+    ("plain", "allowed_image_paths: [{allowed}]\n", ["allowed"]),
+    ("plain", "allow_unencrypted: false\n", ["encrypt"]),
+    ("encrypted", "", ["dm-crypt"]),
+    ("plain", "mount_point: not/absolute\n", ["spank_sif.yaml", "mount_point"]),
+    ("plain", "kdf_max_memory_kib: lots\n", ["spank_sif.yaml", "kdf_max_memory_kib"]),
+]
+
+
+@pytest.mark.parametrize("image,config,words", ERRORS, ids=[
+    "missing", "unreadable-by-user", "not-sif", "gocryptfs", "outside-allowed", "unencrypted-refused",
+    "no-dm-crypt", "bad-config-mount-point", "bad-config-type"])
+def test_errors_are_one_line_and_leave_nothing(cluster, plain_images, image, config, words):
+    path = plain_images.get(image, image)
+    cluster.write_site_config(site_yaml(cluster, config.format(allowed=plain_images["allowed"])))
+    out = cluster.run(["srun", "-n", "2", "--overcommit", f"--sif-image={path}", "sh", "-c", "echo task ran"],
+                      env={"APPTAINER_ENCRYPTION_PASSPHRASE": "secret-pass"})
+    assert_one_error(out, *words)
+    assert "task ran" not in out.stdout
+    assert "secret-pass" not in out.stderr + cluster.log("slurmd")
+    assert wait_no_leftovers(cluster) == []
+
+
+def test_bad_plugstack_argument_fails_closed(cluster, plain_images):
+    cluster.set_plugin(True, extra=["colour=blue"])
+    out = cluster.run(["srun", f"--sif-image={plain_images['plain']}", "true"])
+    assert_one_error(out, "plugstack.conf", "colour=blue")
+
+
+def test_bad_path_syntax_fails_on_the_submit_side(cluster):
+    out = cluster.run(["srun", "--sif-image=dir/", "true"])
+    assert_one_error(out, "directory")
+
+
+# ------------------------------------------------------------------ crash: the epilog sweeps
+
+def test_killed_slurmstepd_is_cleaned_up_by_the_epilog(cluster, plain_images):
+    job = subprocess.Popen(
+        ["srun", f"--sif-image={plain_images['plain']}", "sh", "-c",
+         'cat "$SIF_IMAGE_ROOT/hello.txt"; sleep 60'],
+        env=cluster.env("sifuser"), user="sifuser", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert job.stdout.readline() == HELLO.decode()
+        assert leftovers(cluster), "a running step should hold a loop device and records"
+        stepds = subprocess.run(["pgrep", "-f", r"^slurmstepd: \[[0-9]+\.0\]"], capture_output=True,
+                                text=True).stdout.split()
+        assert stepds, "no slurmstepd of the step found"
+        for pid in stepds:
+            os.kill(int(pid), signal.SIGKILL)
+    finally:
+        try:
+            job.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.communicate()
+    # The tasks' mount namespaces die with the tasks; then the epilog sweeps loop and records.
+    for pid in subprocess.run(["pgrep", "-u", "sifuser", "sleep"], capture_output=True,
+                              text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    subprocess.run(["scancel", "-u", "sifuser"], env=cluster.env(), capture_output=True)
+    time.sleep(1)
+    assert wait_no_leftovers(cluster, timeout=60) == []

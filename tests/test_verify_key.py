@@ -180,7 +180,7 @@ def test_corrupt_luks_header_exits_3(images, capsys, tmp_path):
         data[part.offset + copy * 16384 + 5000] ^= 1
     bad.write_bytes(data)
     code, _, err = verify(capsys, bad, "--passphrase-file", _file(tmp_path, "p", PASSPHRASE))
-    assert code == 3 and "checksum mismatch" in err
+    assert code == 3 and "checksum mismatch" in err and err.startswith(f"spank-sif: {bad}: ")
 
 
 def test_plain_and_gocryptfs_images(images, capsys, tmp_path):

@@ -9,7 +9,7 @@ import os
 
 from spank_sif import keys, luks2, sif
 from spank_sif.config import load_config
-from spank_sif.errors import KeyMaterialError, UsageError, WrongKeyError
+from spank_sif.errors import ImageError, KeyMaterialError, UsageError, WrongKeyError
 
 MAX_PASSPHRASE_FILE = 8 << 20  # cryptsetup's key-file limit
 
@@ -76,7 +76,10 @@ def verify_key(args) -> int:
         if part.fs_type == sif.FsType.SQUASHFS:
             print(f"{args.image}: not encrypted (plain squashfs): nothing to unlock, no key needed")
             return 0
-        volume = luks2.read_luks2(fd, part.offset, part.size)
+        try:
+            volume = luks2.read_luks2(fd, part.offset, part.size)
+        except ImageError as err:  # say where: the LUKS2 layer does not know the image
+            raise type(err)(f"{args.image}: encrypted partition (id {part.id}): {err}") from None
         source = key_source(args, config.key_variables)
         keyslot = check_key(image, fd, volume, source, config.kdf_max_memory_kib)
     finally:

@@ -258,9 +258,10 @@ def generate_key_pair(bits: int) -> tuple[bytes, bytes]:
 # The recipe
 
 
-def read_pem(source: KeySource, read_user_file: Callable[[str], bytes]) -> bytes:
+def read_pem(source: KeySource, read_user_file: Callable[[str], bytes]):
+    """The PEM text of a ``pem_data`` or ``pem_path`` source (bounded)."""
     if source.kind == "pem_data":
-        return bytes(source.secret.value)
+        return source.secret.value  # no immutable copy of the key text
     try:
         data = read_user_file(source.path)
     except OSError as exc:

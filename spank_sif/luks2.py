@@ -455,10 +455,11 @@ def derive_key(keyslot: Keyslot, passphrase) -> bytes:
                                    keyslot.area_key_size)
     from cryptography.hazmat.primitives.kdf import argon2  # deferred: only argon2 keyslots need it
     kdf_class = argon2.Argon2id if cost.type == "argon2id" else argon2.Argon2i
-    kdf = kdf_class(salt=keyslot.kdf_salt, length=keyslot.area_key_size, iterations=cost.time,
-                    lanes=cost.threads, memory_cost=cost.memory_kib)
     try:
-        return kdf.derive(passphrase)
+        return kdf_class(salt=keyslot.kdf_salt, length=keyslot.area_key_size, iterations=cost.time,
+                         lanes=cost.threads, memory_cost=cost.memory_kib).derive(passphrase)
+    except ValueError as exc:  # parameters the library refuses (read_luks2 should have caught them)
+        raise ImageError(f"LUKS2 keyslot {keyslot.id} has unusable KDF parameters: {exc}") from None
     except MemoryError:
         raise PolicyError(f"not enough memory for keyslot {keyslot.id}'s KDF ({cost.describe()})") from None
 

@@ -4,9 +4,10 @@
 builder leaves it); this module adds cheap-KDF twins with 512- and 4096-byte sectors, so that most
 tests do not pay for Argon2 under emulation. The result is copied to the host cache
 (``.cache/vm-fixtures/<hash of the recipes>/``, writable from the VM) and reused while the recipes
-are unchanged; tests always get a private copy on a tmpfs.
+are unchanged; tests get private copies on a tmpfs.
 """
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -24,31 +25,45 @@ MODES = ("pass", "pem")
 
 @dataclass(frozen=True)
 class RefImages:
-    """Paths of one complete set of reference images (see docs/testing.md)."""
+    """One complete set of reference images (see docs/testing.md). Files are copied from ``source`` (the
+    cache, on the VM's slow 9p share) into ``dir`` (a tmpfs) when first asked for: a session pays only
+    for the images it uses, and tests never touch the cache."""
     dir: Path
+    source: Path
 
-    plain = property(lambda self: self.dir / "plain.sif")          # squashfs partition, no encryption
-    enc_pass = property(lambda self: self.dir / "enc-pass.sif")    # passphrase mode, default KDF
-    enc_pem = property(lambda self: self.dir / "enc-pem.sif")      # PEM mode (RSA-OAEP), default KDF
-    pass_file = property(lambda self: self.dir / "pass.txt")       # the passphrase (no newline)
-    pem_private = property(lambda self: self.dir / "rsa2048.pem")  # PKCS#1 private key
-    pem_public = property(lambda self: self.dir / "rsa2048.pub.pem")
-    pem_key = property(lambda self: self.dir / "pem.key")          # the raw LUKS key wrapped in PEM images
-    squashfs = property(lambda self: self.dir / "rootfs.sqfs")     # the partition every image carries
-    rootfs = property(lambda self: self.dir / "rootfs")            # the tree squashed into it
+    def file(self, name: str) -> Path:
+        dest, src = self.dir / name, self.source / name
+        if not dest.exists() and dest != src:
+            tmp = self.dir / f".{name}.copying"
+            if src.is_dir():
+                shutil.copytree(src, tmp, symlinks=True)
+            else:
+                shutil.copy2(src, tmp)
+            tmp.rename(dest)
+        return dest
+
+    plain = property(lambda self: self.file("plain.sif"))          # squashfs partition, no encryption
+    enc_pass = property(lambda self: self.file("enc-pass.sif"))    # passphrase mode, default KDF
+    enc_pem = property(lambda self: self.file("enc-pem.sif"))      # PEM mode (RSA-OAEP), default KDF
+    pass_file = property(lambda self: self.file("pass.txt"))       # the passphrase (no newline)
+    pem_private = property(lambda self: self.file("rsa2048.pem"))  # PKCS#1 private key
+    pem_public = property(lambda self: self.file("rsa2048.pub.pem"))
+    pem_key = property(lambda self: self.file("pem.key"))          # the raw LUKS key wrapped in PEM images
+    squashfs = property(lambda self: self.file("rootfs.sqfs"))     # the partition every image carries
+    rootfs = property(lambda self: self.file("rootfs"))            # the tree squashed into it
     hello = b"SPANK-SIF-REFERENCE-OK\n"                            # content of /hello.txt in every image
     blob_path = "opt/app/blob.bin"                                 # 3 MB of random data in every image
 
     @property
     def blob_sha256(self) -> str:
-        return (self.dir / "blob.sha256").read_text().strip()
+        return self.file("blob.sha256").read_text().strip()
 
     def encrypted(self, mode: str, sector_size: int | None = 4096) -> Path:
         """A cheap-KDF image (``mode`` "pass" or "pem") with the given sector size; ``None``: the
         default-KDF image as make-fixtures.sh builds it."""
         if mode not in MODES or sector_size not in (*SECTOR_SIZES, None):
             raise ValueError(f"no reference image for mode={mode!r} sector_size={sector_size!r}")
-        return self.dir / (f"enc-{mode}.sif" if sector_size is None else f"fast-{mode}-{sector_size}.sif")
+        return self.file(f"enc-{mode}.sif" if sector_size is None else f"fast-{mode}-{sector_size}.sif")
 
     def key_file(self, mode: str) -> Path:
         """What a user would hold: the passphrase file or the PEM private key."""
@@ -61,10 +76,14 @@ class RefImages:
 
 
 def cache_key() -> str:
-    """Changes whenever a recipe changes: make-fixtures.sh, this module, the reference SIF library."""
+    """Changes whenever a recipe changes: make-fixtures.sh, the build functions below, the reference
+    SIF library, reftools' cheap KDF (not the rest of this module: serving images is no recipe)."""
     h = hashlib.sha256()
-    for recipe in (MAKE_FIXTURES, Path(__file__), reftools.SHARED / "tools" / "sifref" / "main.go"):
+    for recipe in (MAKE_FIXTURES, reftools.SHARED / "tools" / "sifref" / "main.go"):
         h.update(recipe.read_bytes())
+    for function in (build, build_fast):
+        h.update(inspect.getsource(function).encode())
+    h.update(repr(reftools.FAST_PBKDF).encode())
     return h.hexdigest()[:16]
 
 
@@ -84,17 +103,18 @@ def prepare_cache() -> Path:
 
 
 def ref_images(work: Path) -> RefImages:
-    """A complete set under ``work`` (a tmpfs in the VM): copied from the cache, or built and cached."""
+    """The current set, served into ``work`` (a tmpfs in the VM): from the cache, or built and cached."""
     key = cache_key()
-    dest, cached = work / key, cache_root() / key
-    if not (dest / MANIFEST).exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        if (cached / MANIFEST).exists():
-            shutil.copytree(cached, dest, symlinks=True)
-        else:
-            build(dest)
-            store(dest, cached)
-    return RefImages(dest)
+    cached, dest = cache_root() / key, work / key
+    if (cached / MANIFEST).exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        return RefImages(dest, cached)
+    built = work / f"{key}.built"
+    if not (built / MANIFEST).exists():
+        shutil.rmtree(built, ignore_errors=True)
+        build(built)
+        store(built, cached)
+    return RefImages(built, built)
 
 
 def build(out: Path) -> None:

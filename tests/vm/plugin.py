@@ -124,7 +124,7 @@ class VmRunner:
             return VmOutcome("skipped", self.skip_reason)
         if self.outcomes is None:
             self.outcomes = self.run()
-        return self.outcomes.get(nodeid, self.missing)
+        return self.outcomes.get(nodeid) or self.missing
 
     def run(self) -> dict[str, VmOutcome]:
         rundir = self.config._tmp_path_factory.mktemp("vm")
@@ -146,9 +146,10 @@ class VmRunner:
         except VmUnavailable as e:
             self.missing = VmOutcome("failed", f"cannot start the VM: {e} (or set {MODE_VARIABLE}=off)")
             return {}
-        self.say(f"spank-sif: VM run finished in {vm.seconds:.0f} s, inner pytest exit status {vm.returncode}")
         why = (f"the VM run timed out after {timeout:.0f} s ({TIMEOUT_VARIABLE})" if vm.timed_out
                else "the VM gave no result for this test")
+        self.say(f"spank-sif: VM run finished in {vm.seconds:.0f} s: " + (
+            f"inner pytest exit status {vm.returncode}" if vm.returncode is not None else why))
         self.missing = VmOutcome("failed", f"{why}; run directory {rundir}\n{vm.tail()}")
         return outcomes_from(results)
 
@@ -175,10 +176,11 @@ def outcomes_from(results: Path) -> dict[str, VmOutcome]:
             if line.strip():
                 report = json.loads(line)
                 reports.setdefault(report["nodeid"], []).append(report)
-    return {nodeid: outcome_of(rs) for nodeid, rs in reports.items()}
+    return {nodeid: outcome for nodeid, rs in reports.items() if (outcome := outcome_of(rs))}
 
 
-def outcome_of(reports: list[dict]) -> VmOutcome:
+def outcome_of(reports: list[dict]) -> VmOutcome | None:
+    """None when the test did not finish (the run's failure then explains why)."""
     failed = [r for r in reports if r["outcome"] == "failed"]
     if failed:
         return VmOutcome("failed", "\n".join(
@@ -188,7 +190,7 @@ def outcome_of(reports: list[dict]) -> VmOutcome:
             return VmOutcome("xfailed" if r["xfail"] is not None else "skipped", r["xfail"] or r["text"])
     if any(r["when"] == "call" and r["outcome"] == "passed" for r in reports):
         return VmOutcome("passed")
-    return VmOutcome("failed", "the test did not finish inside the VM")
+    return None
 
 
 # --------------------------------------------------------------------------------------------- guest side

@@ -123,18 +123,24 @@ def _step_user(sp):
     return userfiles.User.from_uid(spank.uid(sp), spank.gid(sp))
 
 
-def take_key_variables(sp, config) -> dict:
-    """The key variables present in the job environment, removed from it (the tasks' env) unless
-    the site keeps them. They never go anywhere else: not argv, not logs, not files."""
+def take_key_variables(sp, config, strip: bool) -> dict:
+    """The key variables present in the job environment, removed from it (the tasks' env) if
+    ``strip``. They never go anywhere else: not argv, not logs, not files."""
     found = {}
     for name in config.key_variables:
         value = spank.getenv(sp, name)
         if value is None:
             continue
         found[name] = value
-        if config.strip_key_variables:
+        if strip:
             spank.unsetenv(sp, name)
     return found
+
+
+def strips_keys(sp, config) -> bool:
+    # The batch script keeps them: its sruns take the key from its environment (the user's own
+    # script, and slurmctld holds that environment anyway). Every step's tasks lose them.
+    return config.strip_key_variables and spank.step_id(sp) != BATCH_STEP
 
 
 def node_init_post_opt(sp, args) -> None:
@@ -144,7 +150,7 @@ def node_init_post_opt(sp, args) -> None:
                                         spank.option_conflict())
         if image is None:
             return
-        env = take_key_variables(sp, step.config)
+        env = take_key_variables(sp, step.config, strips_keys(sp, step.config))
         try:
             step.unlocked = lifecycle.unlock(image, _step_user(sp), env, step_label(sp),
                                              step.config, cwd=_job_cwd(sp))
@@ -158,7 +164,8 @@ def node_init_post_opt(sp, args) -> None:
 
 
 # Slurm's special step ids (slurm.h), named as squeue shows them.
-SPECIAL_STEPS = {0xFFFFFFFB: "batch", 0xFFFFFFFA: "interactive", 0xFFFFFFFC: "extern"}
+BATCH_STEP = 0xFFFFFFFB
+SPECIAL_STEPS = {BATCH_STEP: "batch", 0xFFFFFFFA: "interactive", 0xFFFFFFFC: "extern"}
 
 
 def step_label(sp) -> str:

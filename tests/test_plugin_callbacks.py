@@ -178,6 +178,15 @@ def test_site_may_keep_key_variables(fake, site, tmp_path):
     assert spank.job_env["APPTAINER_ENCRYPTION_PASSPHRASE"] == SECRET
 
 
+def test_batch_script_keeps_key_variables_for_its_sruns(fake, site, tmp_path):
+    spank = fake(option=str(tmp_path / "missing.sif"),
+                 job_env={"APPTAINER_ENCRYPTION_PASSPHRASE": SECRET})
+    spank.ids["step"] = callbacks.BATCH_STEP
+    run_step(spank, site())
+    assert spank.job_env["APPTAINER_ENCRYPTION_PASSPHRASE"] == SECRET
+    assert SECRET not in spank.everything_said()
+
+
 def test_relative_option_uses_the_jobs_absolute_export(fake, site, tmp_path):
     spank = fake(option="gone.sif", job_env={options.ENV_DEFAULT: str(tmp_path / "gone.sif")})
     run_step(spank, site())

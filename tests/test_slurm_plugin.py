@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from slurm.fixtures import (HELLO, assert_one_error, cluster, leftovers, mount_point,  # noqa: F401
-                            plain_images, sif_lines, site_yaml, slurm_cluster, wait_no_leftovers)
+from slurm.fixtures import (HELLO, assert_one_error, cluster, kill_step, leftovers,  # noqa: F401
+                            mount_point, plain_images, sif_lines, site_yaml, slurm_cluster,
+                            wait_no_leftovers)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root]
 
@@ -202,21 +203,13 @@ def test_killed_slurmstepd_is_cleaned_up_by_the_epilog(cluster, plain_images):
     try:
         assert job.stdout.readline() == HELLO.decode()
         assert leftovers(cluster), "a running step should hold a loop device and records"
-        stepds = subprocess.run(["pgrep", "-f", r"^slurmstepd: \[[0-9]+\.0\]"], capture_output=True,
-                                text=True).stdout.split()
-        assert stepds, "no slurmstepd of the step found"
-        for pid in stepds:
-            os.kill(int(pid), signal.SIGKILL)
+        kill_step(cluster)
     finally:
         try:
             job.communicate(timeout=90)
         except subprocess.TimeoutExpired:
             job.kill()
             job.communicate()
-    # The tasks' mount namespaces die with the tasks; then the epilog sweeps loop and records.
-    for pid in subprocess.run(["pgrep", "-u", "sifuser", "sleep"], capture_output=True,
-                              text=True).stdout.split():
-        os.kill(int(pid), signal.SIGKILL)
     subprocess.run(["scancel", "-u", "sifuser"], env=cluster.env(), capture_output=True)
     time.sleep(1)
     assert wait_no_leftovers(cluster, timeout=60) == []

@@ -6,6 +6,8 @@
 """
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +33,8 @@ def _require_slurm() -> None:
 @pytest.fixture(scope="session")
 def slurm_cluster():
     _require_slurm()
-    root = Path(tempfile.mkdtemp(prefix="spank-sif-slurm-", dir="/tmp"))
+    # $TMPDIR: a tmpfs in the VM (loop devices and cryptsetup want no 9p or overlay underneath).
+    root = Path(tempfile.mkdtemp(prefix="spank-sif-slurm-"))
     cluster = SlurmCluster(root)
     try:
         cluster.start()
@@ -137,3 +140,20 @@ def wait_no_leftovers(cluster, timeout=30) -> list[str]:
     while (left := leftovers(cluster)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def kill_step(cluster, step="0") -> None:
+    """SIGKILL the slurmstepd of step ``step`` of the only running job (a node crash as the plugin
+    sees it: no exit callback), then its tasks, which would otherwise hold the image."""
+    job = cluster.run(["squeue", "-h", "-o", "%i"], user="root").stdout.split()
+    assert len(job) == 1, job
+    listed = cluster.run(["scontrol", "listpids", f"{job[0]}.{step}"], user="root").stdout
+    tasks = [int(line.split()[0]) for line in listed.splitlines()[1:] if line.split()[0].isdigit()]
+    stepds = subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{job[0]}\.{step}\]"],
+                            capture_output=True, text=True).stdout.split()
+    assert stepds and tasks, (stepds, listed)
+    for pid in [int(p) for p in stepds] + tasks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

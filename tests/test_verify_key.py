@@ -239,3 +239,12 @@ def test_keygen_usage_errors(capsys, tmp_path, argv):
     code, _, err = keygen(capsys, *[x for kv in args.items() for x in kv])
     assert code == 64 and err.count("\n") == 1
     assert not (tmp_path / "same").exists()
+
+
+def test_right_key_but_no_squashfs_inside_exits_3(capsys, tmp_path):
+    """A volume that was formatted but never filled (as a failed Apptainer copy can leave it)."""
+    volume = reftools.luks_format(tmp_path / "empty.luks", PASSPHRASE, 17 << 20, *luks_cases.KDFS["pbkdf2"],
+                                  fast=False)
+    image = reftools.sifref_build(tmp_path / "empty.sif", volume)
+    code, _, err = verify(capsys, image, "--passphrase-file", _file(tmp_path, "p", PASSPHRASE))
+    assert code == 3 and "opens keyslot 0, but the decrypted partition is not a squashfs" in err

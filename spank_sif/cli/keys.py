@@ -12,6 +12,7 @@ from spank_sif.config import load_config
 from spank_sif.errors import ImageError, KeyMaterialError, UsageError, WrongKeyError
 
 MAX_PASSPHRASE_FILE = 8 << 20  # cryptsetup's key-file limit
+SQUASHFS_MAGIC = b"hsqs"
 
 VERIFY_EPILOG = """\
 The key comes from --passphrase-file or --pem-path, or else from the environment variables the
@@ -24,7 +25,8 @@ file is part of the passphrase (write it with printf, not echo). The site's KDF 
 exit codes:
   0   the key opens the image (prints the keyslot), or the image is not encrypted (nothing to unlock)
   2   wrong key: no keyslot accepts it, or the PEM key does not match the image
-  3   unusable image (not SIF, malformed, gocryptfs-encrypted, corrupt LUKS2 header)
+  3   unusable image (not SIF, malformed, gocryptfs-encrypted, corrupt LUKS2 header, or the
+      decrypted partition is not a squashfs)
   4   unusable key (none given, empty, bad/encrypted/OpenSSH PEM, unreadable key file)
   5   a keyslot's KDF needs more memory than the site allows
   6   invalid site configuration
@@ -43,7 +45,7 @@ def register(subparsers) -> None:
     v = subparsers.add_parser(
         "verify-key", help="check that a key opens an encrypted SIF image (no root needed)",
         description="Check that a key opens the LUKS2-encrypted primary partition of a SIF image, "
-                    "in userspace (no root, no dm-crypt).",
+                    "in userspace (no root, no dm-crypt), and that the partition decrypts to a squashfs.",
         epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("image", metavar="IMAGE", help="SIF image file")
     source = v.add_mutually_exclusive_group()
@@ -112,7 +114,12 @@ def check_key(image, fd: int, volume: luks2.Luks2Volume, source: keys.KeySource,
             keyslot, volume_key = luks2.unlock(volume, fd, passphrase, cap)
         except WrongKeyError as err:
             raise WrongKeyError(f"{err} ({source.describe()}){_hint(image, source, passphrase)}") from None
-    volume_key.wipe()
+    with volume_key:
+        # One sector more says whether the plugin's mount would work: the data must be a squashfs.
+        first = luks2.decrypt_sectors(volume, fd, volume_key, 0, 1) if volume.segment.sectors else b""
+    if first[:4] != SQUASHFS_MAGIC:
+        raise ImageError(f"{image.name}: the key opens keyslot {keyslot}, but the decrypted partition is "
+                         "not a squashfs file system: the image is corrupt")
     return keyslot
 
 

@@ -2,7 +2,7 @@
 directory, run the requested command with its output going to the shared run directory, and record its
 exit status there. Standalone on purpose: it runs before anything else is set up."""
 import json
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +16,20 @@ def prepare(work: Path, local: bool) -> None:
         load_modules()
         # cryptsetup cannot format volumes on the 9p-shared directories: keep work on a tmpfs.
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "spank-sif-vm", str(work)], check=True)
-        subprocess.run(["ip", "link", "set", "lo", "up"], stderr=subprocess.DEVNULL)
+        network()
     tmp = work / "tmp"
     tmp.mkdir(exist_ok=True)
     tmp.chmod(0o1777)
+
+
+def network() -> None:
+    """The guest has no NIC. Daemons that resolve the host name (Slurm) need an address for it besides
+    loopback: a dummy interface with a link-local address (shared/notes/vm-harness.md)."""
+    for command in ("ip link set lo up", "ip link add sv0 type dummy", "ip addr add 169.254.77.1/32 dev sv0",
+                    "ip link set sv0 up"):
+        subprocess.run(command.split(), stderr=subprocess.DEVNULL)
+    with open("/etc/hosts", "a") as hosts:  # a writable copy in the guest
+        hosts.write(f"169.254.77.1 {socket.gethostname().split('.')[0]}\n")
 
 
 def main(spec_path: str) -> int:

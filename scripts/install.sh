@@ -19,6 +19,7 @@ if [ $with_tests = 1 ]; then
   packages+=(
     qemu-system-x86 linux-image-amd64 busybox-static iproute2     # the VM harness (real dm-crypt kernel)
     golang-go golang-github-sylabs-sif-dev                        # the reference SIF implementation
+    openssh-client openssl                                        # foreign key formats in key tests
   )
 fi
 missing=()

@@ -124,6 +124,9 @@ def run_in_vm(argv: list[str], *, rundir: Path | None = None, rwdirs: tuple[Path
         except subprocess.TimeoutExpired:
             timed_out = True
             stop(proc)
+        except BaseException:  # Ctrl-C or a pytest timeout: never leave a VM running
+            stop(proc)
+            raise
     rc_file = rundir / "guest.rc"
     return VmResult(
         returncode=int(rc_file.read_text()) if rc_file.exists() else None,

@@ -26,6 +26,10 @@ MODE_VARIABLE = "SPANK_SIF_VM"
 TIMEOUT_VARIABLE = "SPANK_SIF_VM_TIMEOUT"
 RESULTS_VARIABLE = "SPANK_SIF_VM_RESULTS"  # set by the host for the pytest run inside the VM
 MODES = ("auto", "off", "force")
+# Python start-up is slow under emulation (imports over 9p): importing pytest takes ~30 s in the guest,
+# the autoloaded hypothesis and pytest-benchmark plugins ~70 s more. The inner run loads only the
+# plugins the tests name (``pytest_plugins`` in conftest.py, ``-p``); hypothesis works without its plugin.
+INNER_ENVIRONMENT = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
 def vm_plan(mode: str, inside_vm: bool, missing: str | None) -> str:
@@ -142,7 +146,7 @@ class VmRunner:
         self.say(f"spank-sif: running {len(self.nodeids)} vm test(s) in a VM (run directory {rundir})")
         try:
             vm = run_in_vm(argv, rundir=rundir, rwdirs=(cache,), timeout=timeout, cwd=self.config.rootpath,
-                           env={RESULTS_VARIABLE: str(results)})
+                           env={RESULTS_VARIABLE: str(results), **INNER_ENVIRONMENT})
         except VmUnavailable as e:
             self.missing = VmOutcome("failed", f"cannot start the VM: {e} (or set {MODE_VARIABLE}=off)")
             return {}

@@ -13,7 +13,6 @@ setup(
     install_requires=["cffi>=1.15", "cryptography>=3.4", "pyyaml>=5.1"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     # The SPANK plugin: a cffi-built shared object, spank_sif/_plugin.<ext> (csrc/build_plugin.py).
-    setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_plugin.py:ffibuilder"],
     entry_points={"console_scripts": ["spank-sif = spank_sif.cli:main"]},
     zip_safe=False,

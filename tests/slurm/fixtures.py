@@ -128,8 +128,9 @@ def leftovers(cluster) -> list[str]:
         except OSError:
             pass
     found += [f"mapping {p.name}" for p in Path("/dev/mapper").glob("spank-sif-*")]
-    if cluster.state_dir.exists():
-        found += [f"state {p.relative_to(cluster.state_dir)}" for p in cluster.state_dir.rglob("*")]
+    if cluster.state_dir.exists():  # per-job directories (node-wide files, e.g. KDF locks, stay)
+        found += [f"state {p.relative_to(cluster.state_dir)}" for p in cluster.state_dir.iterdir()
+                  if p.is_dir()]
     return found
 
 

@@ -102,8 +102,8 @@ class VmProxy(pytest.Item):
 
     def runtest(self):
         outcome = self.runner.outcome(self.nodeid)
-        if outcome.kind == "skipped":
-            pytest.skip(outcome.text)
+        if outcome.kind == "skipped":  # reported at the test's location, as a skip of the test itself
+            raise pytest.skip.Exception(outcome.text, _use_item_location=True)
         if outcome.kind == "xfailed":
             pytest.xfail(outcome.text)
         if outcome.kind == "failed":
@@ -187,8 +187,10 @@ def outcome_of(reports: list[dict]) -> VmOutcome | None:
     """None when the test did not finish (the run's failure then explains why)."""
     failed = [r for r in reports if r["outcome"] == "failed"]
     if failed:
+        # The first line is what pytest's short summary shows: make it the inner one-line cause.
         return VmOutcome("failed", "\n".join(
-            ("" if r["when"] == "call" else f"error in {r['when']} (inside the VM)\n") + r["text"] for r in failed))
+            f"{'failed' if r['when'] == 'call' else 'error in ' + r['when']} inside the VM: "
+            f"{(r.get('crash') or '').splitlines()[0] if r.get('crash') else ''}\n{r['text']}" for r in failed))
     for r in reports:
         if r["outcome"] == "skipped":
             return VmOutcome("xfailed" if r["xfail"] is not None else "skipped", r["xfail"] or r["text"])
@@ -212,8 +214,9 @@ class ResultRecorder:
             text = report.longreprtext
             for title, content in report.sections:
                 text += f"\n{'-' * 20} {title} {'-' * 20}\n{content}"
+        crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)
         record = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text,
-                  "xfail": getattr(report, "wasxfail", None)}
+                  "crash": crash, "xfail": getattr(report, "wasxfail", None)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

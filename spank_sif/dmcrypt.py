@@ -30,7 +30,7 @@ CRYPT_ACTIVATE_READONLY = 1 << 0
 CRYPT_DEACTIVATE_DEFERRED = 1 << 0
 CRYPT_LOG_ERROR = 1
 
-DEACTIVATE_ATTEMPTS = 8  # EBUSY retries (a closing mount may still hold the device) before deferring
+DEACTIVATE_ATTEMPTS = 5  # EBUSY retries (a closing mount may still hold the device) before deferring
 DEVICE_WAIT_S = 25.0     # how long /dev/mapper/<name> may take to appear (udev, slow nodes)
 KDF_LOG_MAX = 64 * 1024  # kdf.log (recent KDF intervals, for admins and tests) is cut beyond this
 

@@ -211,8 +211,10 @@ def _teardown_record(state: StateDir, rec: Record) -> None:
     elif rec.kind == "mapping":
         dmcrypt.deactivate(rec.data["name"])
     elif rec.kind == "loop" and rec.data.get("device"):
-        loop.detach_if_ours(rec.data["device"], rec.data["backing_dev"], rec.data["backing_ino"],
-                            rec.data["offset"])
+        ident = (rec.data["device"], rec.data["backing_dev"], rec.data["backing_ino"], rec.data["offset"])
+        if not loop.wait_released(*ident, timeout=0.5):  # usually auto-cleared by now
+            loop.detach_if_ours(*ident)
+            loop.wait_released(*ident)
     rec.path.unlink(missing_ok=True)
 
 

@@ -164,16 +164,32 @@ def status(path: str) -> LoopStatus | None:
     return LoopStatus(fields[0], fields[1], fields[3], fields[4], fields[8])
 
 
+def is_ours(path: str, backing_dev: int, backing_ino: int, offset: int) -> bool:
+    """Whether ``path`` is bound to that file at that offset, read-only and auto-clearing."""
+    st = status(path)
+    want = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR
+    return st is not None and (st.backing_dev, st.backing_ino, st.offset) == (backing_dev, backing_ino, offset) \
+        and st.flags & want == want
+
+
+def wait_released(path: str, backing_dev: int, backing_ino: int, offset: int, timeout: float = 2.0) -> bool:
+    """Wait (bounded) until ``path`` is no longer ours: the kernel may finish an auto-clear shortly
+    after the last holder lets go. True if it is free of us."""
+    deadline = time.monotonic() + timeout
+    while is_ours(path, backing_dev, backing_ino, offset):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def detach_if_ours(path: str, backing_dev: int, backing_ino: int, offset: int) -> bool:
     """Detach ``path`` if it is still bound to that file at that offset as one of ours.
 
     LOOP_CLR_FD on a device something still holds only (re)sets autoclear, so this never pulls a
     device from under a live mapping or mount. Returns True if the device was ours.
     """
-    st = status(path)
-    ours = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR
-    if st is None or (st.backing_dev, st.backing_ino, st.offset) != (backing_dev, backing_ino, offset) \
-            or st.flags & ours != ours:
+    if not is_ours(path, backing_dev, backing_ino, offset):
         return False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)

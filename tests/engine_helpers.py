@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from spank_sif import dmcrypt, mounts
@@ -28,7 +29,8 @@ def ensure_users() -> None:
 
 def world_dir(prefix: str = "sif-engine-") -> Path:
     """A directory every user can traverse (pytest's tmp_path is root-only)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("SPANK_SIF_WORLD_TMP", "/tmp")))
+    base = os.environ.get("SPANK_SIF_VM_WORK") or "/tmp"  # in the VM: its tmpfs
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
     path.chmod(0o755)
     return path
 
@@ -64,6 +66,50 @@ def cli(*argv, env=None, check=False, timeout=120) -> subprocess.CompletedProces
     return proc
 
 
+def _child_run(fn, args, env, write_end) -> None:
+    import pickle
+    code = 0
+    try:
+        os.environ.update(env or {})
+        result = fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        result, code = f"{type(exc).__name__}: {exc}", 1
+    try:
+        with os.fdopen(write_end, "wb") as out:
+            pickle.dump(result, out)
+    finally:
+        os._exit(code)
+
+
+def in_children(calls, env: dict | None = None) -> list:
+    """Run each ``(fn, *args)`` of ``calls`` at once, each in a forked child (modules already
+    imported: cheap under emulation); return ``(status, result)`` per call: status is the exit code,
+    or minus the signal that killed the child; result is what ``fn`` returned, or
+    ``"<ErrorClass>: message"`` if it raised."""
+    import pickle
+    children = []
+    for fn, *args in calls:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            _child_run(fn, args, env, write_end)
+        os.close(write_end)
+        children.append((pid, read_end))
+    out = []
+    for pid, read_end in children:
+        with os.fdopen(read_end, "rb") as inp:
+            data = inp.read()
+        _, status = os.waitpid(pid, 0)
+        out.append((os.waitstatus_to_exitcode(status), pickle.loads(data) if data else None))
+    return out
+
+
+def in_child(fn, *args, env: dict | None = None):
+    """``in_children`` for one call."""
+    return in_children([(fn, *args)], env)[0]
+
+
 def loops_backed_by(image: Path) -> list[str]:
     """Loop devices (per sysfs) whose backing file is ``image``."""
     found = []
@@ -78,9 +124,13 @@ def loops_backed_by(image: Path) -> list[str]:
     return found
 
 
-def leftovers(image: Path, state_dir: Path, target: Path | None = None) -> list[str]:
+def leftovers(image: Path, state_dir: Path, target: Path | None = None, settle: float = 3.0) -> list[str]:
     """Everything an attempt on ``image`` may have left: loop devices, spank-sif mappings, a mount at
-    ``target``, state records. Empty means clean."""
+    ``target``, state records. Empty means clean. Loop devices get ``settle`` seconds to finish an
+    auto-clear the kernel may complete just after their last holder went."""
+    deadline = time.monotonic() + settle
+    while loops_backed_by(image) and time.monotonic() < deadline:
+        time.sleep(0.02)
     left = [f"loop {d}" for d in loops_backed_by(image)]
     left += [f"mapping {n}" for n in dmcrypt.active_names("spank-sif-")]
     if target is not None and mounts.is_mounted(str(target)):

@@ -1,0 +1,374 @@
+"""The node engine on a kernel with dm-crypt (the VM harness): encrypted reference images built the
+way Apptainer builds them, opened with the real libcryptsetup and kernel, and torn down without a trace.
+
+Most tests work in forked children of the test process (modules already imported: Python start-up
+under emulation costs seconds) or in-process; the CLI itself is exercised where its behaviour is the
+point."""
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import (OTHER, USER, cli, ensure_users, in_child, in_children, leftovers, world_dir,
+                            write_config)
+from spank_sif import dmcrypt, keys, lifecycle, mounts
+from spank_sif.config import SiteConfig
+from spank_sif.userfiles import User
+
+pytestmark = pytest.mark.vm
+
+MODES = ("pass", "pem")
+SECTORS = (512, 4096)
+
+
+@pytest.fixture(scope="module")
+def ref(ref_images):
+    """World-readable copies of the reference images and keys, on the VM's tmpfs (the job's user
+    must be able to open them; pytest's own temporary directories are root-only)."""
+    ensure_users()
+    d = world_dir("sif-vm-engine-")
+    for name in ["pass.txt", "rsa2048.pem", "blob.sha256", *(p.name for p in ref_images.dir.glob("*.sif"))]:
+        shutil.copy(ref_images.dir / name, d / name)
+        (d / name).chmod(0o644)
+    yield replace(ref_images, dir=d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def wd():
+    """A per-test directory the job's user can reach (pytest's tmp_path is under a root-only one)."""
+    path = world_dir("sif-vm-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def site(tmp_path):
+    state = tmp_path / "state"
+    config = SiteConfig(state_dir=str(state))
+    yield config, state
+    lifecycle.sweep_job("cli", config)
+    for jid in {p.name for p in state.iterdir()} if state.exists() else ():
+        lifecycle.sweep_job(jid, config)
+
+
+def _user():
+    return User.from_name(USER)
+
+
+def _env(ref, mode: str) -> dict:
+    if mode == "pass":
+        return {"APPTAINER_ENCRYPTION_PASSPHRASE": ref.pass_file.read_text()}
+    return {"APPTAINER_ENCRYPTION_PEM_PATH": str(ref.pem_private)}
+
+
+def _open_read_close(ref, image, mode, config, target, check_blob=False) -> str:
+    unlocked = lifecycle.unlock(str(image), _user(), _env(ref, mode), "cli", config)
+    try:
+        assert unlocked.device == f"/dev/mapper/{unlocked.session}"
+        lifecycle.mount(unlocked, str(target), private=False)
+        assert (target / "hello.txt").read_bytes() == ref.hello
+        if check_blob:
+            digest = hashlib.sha256((target / ref.blob_path).read_bytes()).hexdigest()
+            assert digest == ref.blob_sha256
+    finally:
+        lifecycle.release(unlocked, config)
+    return unlocked.session
+
+
+def test_fifty_open_close_cycles_leave_nothing(ref, site, tmp_path):
+    config, state = site
+    target = tmp_path / "mnt"
+    target.mkdir()
+    images = [(ref.encrypted(m, s), m) for m in MODES for s in SECTORS]
+    names = set()
+    for cycle in range(12):
+        for image, mode in images:
+            names.add(_open_read_close(ref, image, mode, config, target, check_blob=cycle == 0))
+    for mode in MODES:  # the realistic default-KDF images too: 48 + 2 = 50 cycles
+        names.add(_open_read_close(ref, ref.encrypted(mode, None), mode, config, target, check_blob=True))
+    assert len(names) == 50
+    for image, _ in images:
+        assert leftovers(image, state, target) == []
+    assert leftovers(ref.enc_pass, state) == [] and leftovers(ref.enc_pem, state) == []
+
+
+def test_cli_open_list_close_encrypted(ref, tmp_path):
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "site.yaml", state_dir=str(state))
+    target = tmp_path / "mnt"
+    target.mkdir()
+    proc = cli("open", ref.fast_pem_512, target, "--user", USER, "--pem-path", ref.pem_private, "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    name = proc.stdout.strip()
+    assert os.path.exists(f"/dev/mapper/{name}") and (target / "hello.txt").read_bytes() == ref.hello
+    assert name in cli("list", "--config", config, check=True).stdout
+    assert cli("close", name, "--config", config).returncode == 0
+    assert leftovers(ref.fast_pem_512, state, target) == []
+
+
+def _busybox_as(user: str, binary: Path, *argv) -> subprocess.CompletedProcess:
+    """Run a busybox copy as ``user`` under the name "busybox" (a copy called suid-busybox would
+    otherwise look for an applet of that name)."""
+    return _run_as(user, "bash", "-c", 'exec -a busybox "$0" "$@"', binary, *argv)
+
+
+def _run_as(user: str, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *map(str, argv)],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+def test_setuid_binary_in_the_image_does_not_run_as_root(ref, site, wd):
+    config, _ = site
+    target, control = wd / "mnt", wd / "control"
+    target.mkdir(mode=0o755)
+    control.mkdir(mode=0o755)
+    unlocked = lifecycle.unlock(str(ref.fast_pass_4k), _user(), _env(ref, "pass"), "cli", config)
+    try:
+        lifecycle.mount(unlocked, str(target), private=False)
+        suid = target / "bin" / "suid-busybox"
+        assert os.stat(suid).st_mode & 0o4000 and os.stat(suid).st_uid == 0
+        uid = str(pwd.getpwnam(USER).pw_uid)
+        ran = _busybox_as(USER, suid, "id", "-u")
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() == uid
+        # Control: the same file system mounted without nosuid does give root, so the check above
+        # really tests the nosuid flag.
+        subprocess.run(["mount", "-t", "squashfs", "-o", "ro", unlocked.device, str(control)], check=True)
+        try:
+            assert _busybox_as(USER, control / "bin" / "suid-busybox", "id", "-u").stdout.strip() == "0"
+        finally:
+            subprocess.run(["umount", str(control)], check=True)
+    finally:
+        lifecycle.release(unlocked, config)
+
+
+def _hold_private_mount(unlocked, target: str, ready: int, go: int) -> None:
+    lifecycle.mount(unlocked, target, private=True)
+    with open(os.path.join(target, "hello.txt"), "rb") as f:
+        f.read()
+    os.write(ready, b"1")
+    os.read(go, 1)
+
+
+def test_other_users_see_neither_device_nor_private_mount(ref, site, wd):
+    config, state = site
+    target = wd / "mnt"
+    target.mkdir(mode=0o755)
+    unlocked = lifecycle.unlock(str(ref.fast_pem_4k), _user(), _env(ref, "pem"), "4711.0", config)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _hold_private_mount(unlocked, str(target), ready_w, go_r)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        inside = Path(f"/proc/{pid}/mountinfo").read_text()
+        assert f" {target} " in inside  # mounted in the child's namespace...
+        assert not mounts.is_mounted(str(target))  # ...invisible outside it
+        assert not (target / "hello.txt").exists()
+        seen = _run_as(OTHER, "ls", "-A", target)
+        assert seen.returncode == 0 and seen.stdout == ""
+        real = os.path.realpath(unlocked.device)
+        for node in (unlocked.device, real, unlocked.loop.path if unlocked.loop else None):
+            if node:
+                denied = _run_as(OTHER, "head", "-c", "16", node)
+                assert denied.returncode != 0 and "Permission denied" in denied.stderr, node
+        assert lifecycle.list_active(config)[0]["mounts"] == [str(target)]
+    finally:
+        os.write(go_w, b"1")
+        os.waitpid(pid, 0)
+        lifecycle.release(unlocked, config)
+    assert leftovers(ref.fast_pem_4k, state, target) == []
+
+
+def _copies(image: Path, directory: Path, count: int) -> list[Path]:
+    """``count`` distinct files (own inodes) with the content of ``image``, readable by the user."""
+    out = []
+    for i in range(count):
+        copy = directory / f"{image.stem}-{i}.sif"
+        shutil.copy(image, copy)
+        copy.chmod(0o644)
+        out.append(copy)
+    return out
+
+
+def _open_and_hold(ref, image, mode, config, target) -> str:
+    unlocked = lifecycle.unlock(str(image), _user(), _env(ref, mode), "4800.0", config)
+    lifecycle.mount(unlocked, str(target), private=False)
+    return unlocked.session
+
+
+def _parallel(ref, images: list[tuple[Path, str]], config, tmp_path) -> tuple[list, list[Path]]:
+    """Open every (image, mode) at once, each in its own forked child that mounts it at its own
+    target; return ((status, session) per image, targets)."""
+    targets = [tmp_path / f"mnt{i}" for i in range(len(images))]
+    for t in targets:
+        t.mkdir()
+    results = in_children([(_open_and_hold, ref, image, mode, config, t) for (image, mode), t in zip(images, targets)])
+    return results, targets
+
+
+def test_eight_parallel_opens_of_different_images(ref, site, tmp_path, wd):
+    config, state = site
+    images = [(c, "pass") for c in _copies(ref.fast_pass_512, wd, 4)] + \
+             [(c, "pem") for c in _copies(ref.fast_pem_4k, wd, 4)]
+    results, targets = _parallel(ref, images, config, tmp_path)
+    try:
+        assert [status for status, _ in results] == [0] * 8, results
+        assert len({name for _, name in results}) == 8
+        for t in targets:
+            assert (t / "hello.txt").read_bytes() == ref.hello
+    finally:
+        lifecycle.sweep_job("4800", config)
+    for (image, _), t in zip(images, targets):
+        assert leftovers(image, state, t) == []
+
+
+def _max_overlap(log: Path) -> tuple[int, int]:
+    """(number of KDF intervals, most of them running at the same instant) from kdf.log."""
+    events = []
+    for line in log.read_text().splitlines():
+        _, start, end = line.split()
+        events += [(float(start), 1), (float(end), -1)]
+    running = most = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):  # ends before starts at equal times
+        running += delta
+        most = max(most, running)
+    return len(events) // 2, most
+
+
+@pytest.mark.parametrize("allowed, image_name", [(2, "fast"), (1, "default")])
+def test_parallel_opens_never_run_more_kdfs_than_allowed(ref, site, tmp_path, wd, allowed, image_name):
+    config, state = site
+    config = replace(config, kdf_max_parallel=allowed)
+    image = ref.fast_pass_4k if image_name == "fast" else ref.enc_pass
+    images = [(c, "pass") for c in _copies(image, wd, 8)]
+    results, targets = _parallel(ref, images, config, tmp_path)
+    try:
+        assert [status for status, _ in results] == [0] * 8, results
+        count, most = _max_overlap(state / "kdf.log")
+        assert count == 8 and 1 <= most <= allowed, (count, most)
+    finally:
+        lifecycle.sweep_job("4800", config)
+    for (image, _), t in zip(images, targets):
+        assert leftovers(image, state, t) == []
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("wrong_passphrase", "WrongKeyError", "no keyslot of the image accepts this key"),
+    ("no_key", "KeyMaterialError", "no key was given"),
+    ("passphrase_for_pem_image", "WrongKeyError", "no keyslot"),
+    ("pem_key_of_another_pair", "", ""),
+    ("pem_for_passphrase_image", "WrongKeyError", "encrypted with a passphrase"),
+    ("kdf_above_cap", "PolicyError", "above this site's limit"),
+    ("missing_mount_point", "SystemSetupError", "does not exist"),
+])
+def test_faults_give_one_line_and_leave_nothing(ref, site, tmp_path, wd, case, error, message):
+    config, state = site
+    image, env, target = ref.fast_pass_4k, _env(ref, "pass"), tmp_path / "mnt"
+    target.mkdir()
+    if case == "wrong_passphrase":
+        env = {"APPTAINER_ENCRYPTION_PASSPHRASE": "not the passphrase"}
+    elif case == "no_key":
+        env = {}
+    elif case == "passphrase_for_pem_image":
+        image = ref.fast_pem_512
+    elif case == "pem_key_of_another_pair":
+        private, _ = keys.generate_key_pair(2048)
+        other = wd / "other.pem"
+        other.write_bytes(private)
+        other.chmod(0o644)
+        image, env = ref.fast_pem_4k, {"APPTAINER_ENCRYPTION_PEM_PATH": str(other)}
+    elif case == "pem_for_passphrase_image":
+        env = _env(ref, "pem")
+    elif case == "kdf_above_cap":
+        config = replace(config, kdf_max_memory_kib=16384)
+    elif case == "missing_mount_point":
+        target = tmp_path / "nowhere"
+
+    def attempt():
+        unlocked = lifecycle.unlock(str(image), _user(), env, "cli", config)
+        try:
+            lifecycle.mount(unlocked, str(target), private=False)
+        except BaseException:
+            lifecycle.release(unlocked, config)
+            raise
+        lifecycle.release(unlocked, config)
+        return "opened"
+
+    status, result = in_child(attempt)
+    assert status == 1, result
+    assert "\n" not in result
+    if case == "pem_key_of_another_pair":  # RSA-OAEP refuses it: wrong key, said as such
+        assert result.startswith(("WrongKeyError", "KeyMaterialError")), result
+    else:
+        assert result.startswith(error + ":") and message in result, result
+    assert leftovers(image, state, target) == []
+
+
+KILL_POINTS = ("session", "loop", "key", "mapping", "unlocked", "mounted")
+
+
+@pytest.mark.parametrize("step", KILL_POINTS)
+def test_killed_between_steps_then_epilog_leaves_nothing(ref, site, tmp_path, step):
+    config, state = site
+    target = tmp_path / "mnt"
+    target.mkdir()
+    secret = ref.pass_file.read_bytes()
+
+    def attempt():
+        unlocked = lifecycle.unlock(str(ref.fast_pass_512), _user(), _env(ref, "pass"), "4900.0", config)
+        lifecycle.mount(unlocked, str(target), private=False)
+        return "finished"
+
+    status, _ = in_child(attempt, env={"SPANK_SIF_KILL_AT": step})
+    assert status == -9
+    records = list(state.rglob("*.json"))
+    assert records, "the crash left no record to sweep"
+    for path in state.rglob("*"):  # records never hold the key
+        if path.is_file():
+            assert secret not in path.read_bytes()
+            assert os.stat(path).st_mode & 0o077 == 0
+    done = lifecycle.sweep_job("4900", config)
+    assert done
+    assert leftovers(ref.fast_pass_512, state, target) == []
+
+
+def test_release_with_a_busy_mapping_defers_removal(ref, site, tmp_path):
+    """Something still holds the device when the step ends: the mapping is removed as soon as it
+    lets go (deferred removal), and the record is gone at once."""
+    config, state = site
+    unlocked = lifecycle.unlock(str(ref.fast_pass_4k), _user(), _env(ref, "pass"), "cli", config)
+    holder = os.open(unlocked.device, os.O_RDONLY)
+    try:
+        lifecycle.release(unlocked, config)
+        assert list(state.rglob("*.json")) == []
+        assert dmcrypt.is_active(unlocked.session)  # still held
+    finally:
+        os.close(holder)
+    deadline = time.monotonic() + 10
+    while dmcrypt.is_active(unlocked.session) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftovers(ref.fast_pass_4k, state) == []
+
+
+def test_binary_fallback_opens_and_says_wrong_key(ref, site, tmp_path, monkeypatch):
+    config, state = site
+    target = tmp_path / "mnt"
+    target.mkdir()
+    monkeypatch.setenv("SPANK_SIF_CRYPTSETUP", "binary")
+    _open_read_close(ref, ref.fast_pem_512, "pem", config, target)
+    status, result = in_child(lambda: lifecycle.unlock(str(ref.fast_pass_512), _user(),
+                                                       {"APPTAINER_ENCRYPTION_PASSPHRASE": "nope"}, "cli", config))
+    assert status == 1 and result.startswith("WrongKeyError"), result
+    assert leftovers(ref.fast_pass_512, state, target) == [] and leftovers(ref.fast_pem_512, state) == []

@@ -139,10 +139,9 @@ class VmRunner:
         except Exception as e:  # reported on every proxy: the tests cannot run without the tools
             self.missing = VmOutcome("failed", f"could not build the reference tools before booting: {e}")
             return {}
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-ra", "--rootdir",
+        inifile = ["-c", str(self.config.inipath)] if self.config.inipath else []
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-ra", *inifile, "--rootdir",
                 str(self.config.rootpath), "--junitxml", str(rundir / "vm.xml"), *self.nodeids]
-        if self.config.inipath:
-            argv[5:5] = ["-c", str(self.config.inipath)]
         self.say(f"spank-sif: running {len(self.nodeids)} vm test(s) in a VM (run directory {rundir})")
         try:
             vm = run_in_vm(argv, rundir=rundir, rwdirs=(cache,), timeout=timeout, cwd=self.config.rootpath,
@@ -177,9 +176,11 @@ def outcomes_from(results: Path) -> dict[str, VmOutcome]:
     reports: dict[str, list[dict]] = {}
     if results.exists():
         for line in results.read_text().splitlines():
-            if line.strip():
+            try:
                 report = json.loads(line)
-                reports.setdefault(report["nodeid"], []).append(report)
+            except ValueError:
+                continue  # the last line, cut short when the VM was stopped
+            reports.setdefault(report["nodeid"], []).append(report)
     return {nodeid: outcome for nodeid, rs in reports.items() if (outcome := outcome_of(rs))}
 
 
@@ -187,16 +188,20 @@ def outcome_of(reports: list[dict]) -> VmOutcome | None:
     """None when the test did not finish (the run's failure then explains why)."""
     failed = [r for r in reports if r["outcome"] == "failed"]
     if failed:
-        # The first line is what pytest's short summary shows: make it the inner one-line cause.
-        return VmOutcome("failed", "\n".join(
-            f"{'failed' if r['when'] == 'call' else 'error in ' + r['when']} inside the VM: "
-            f"{(r.get('crash') or '').splitlines()[0] if r.get('crash') else ''}\n{r['text']}" for r in failed))
+        return VmOutcome("failed", "\n".join(failure_text(r) for r in failed))
     for r in reports:
         if r["outcome"] == "skipped":
             return VmOutcome("xfailed" if r["xfail"] is not None else "skipped", r["xfail"] or r["text"])
     if any(r["when"] == "call" and r["outcome"] == "passed" for r in reports):
         return VmOutcome("passed")
     return None
+
+
+def failure_text(report: dict) -> str:
+    """The inner report, headed by a line pytest's short summary shows: where it failed and why."""
+    where = "failed" if report["when"] == "call" else f"error in {report['when']}"
+    cause = (report["crash"] or "").partition("\n")[0]
+    return f"{where} inside the VM: {cause}\n{report['text']}"
 
 
 # --------------------------------------------------------------------------------------------- guest side

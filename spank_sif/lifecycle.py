@@ -151,7 +151,10 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
         return unlocked
     except BaseException:
         if unlocked is not None:
-            _teardown(state, job, session, unlocked)
+            try:
+                _teardown(state, job, session, unlocked)
+            except SifError:
+                pass  # the original error is the one to report; the records left let a sweep finish
         raise
     finally:
         os.close(fd)

@@ -106,6 +106,8 @@ class StateDir:
             return sorted(e.name for e in os.scandir(self.path) if e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
+        except PermissionError:
+            raise StateError(f"cannot read the state directory {self.path}: run this as root") from None
 
     def records(self, job: str | None = None) -> list[Record]:
         """Every readable record (of one job id if given), oldest first."""

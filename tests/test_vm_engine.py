@@ -4,6 +4,7 @@ way Apptainer builds them, opened with the real libcryptsetup and kernel, and to
 Most tests work in forked children of the test process (modules already imported: Python start-up
 under emulation costs seconds) or in-process; the CLI itself is exercised where its behaviour is the
 point."""
+import dataclasses
 import hashlib
 import os
 import pwd
@@ -33,10 +34,13 @@ def ref(ref_images):
     must be able to open them; pytest's own temporary directories are root-only)."""
     ensure_users()
     d = world_dir("sif-vm-engine-")
-    for name in ["pass.txt", "rsa2048.pem", "blob.sha256", *(p.name for p in ref_images.dir.glob("*.sif"))]:
-        shutil.copy(ref_images.dir / name, d / name)
-        (d / name).chmod(0o644)
-    yield replace(ref_images, dir=d)
+    sources = [ref_images.pass_file, ref_images.pem_private, ref_images.file("blob.sha256")]
+    sources += [ref_images.encrypted(m, s) for m in MODES for s in (*SECTORS, None)]
+    for source in sources:
+        shutil.copy(source, d / source.name)
+        (d / source.name).chmod(0o644)
+    fields = {f.name for f in dataclasses.fields(ref_images)}
+    yield replace(ref_images, **{name: d for name in ("dir", "source") if name in fields})
     shutil.rmtree(d, ignore_errors=True)
 
 

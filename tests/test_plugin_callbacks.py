@@ -4,6 +4,8 @@ The engine underneath is the real one: these tests stop at failures it reports b
 kernel (missing image, not a SIF, policy); the mounts themselves are tested under real Slurm.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -232,6 +234,7 @@ def test_bug_is_logged_with_traceback_but_user_sees_one_generic_line(fake, site,
 def test_job_epilog_sweeps_the_job(fake, site, monkeypatch):
     spank = fake(context="job_script")
     swept = []
+    callbacks.import_node_modules()
     monkeypatch.setattr(callbacks.lifecycle, "sweep_job", lambda job, config: swept.append(job))
     assert callbacks.dispatch("job_epilog", None, site()) == 0
     assert swept == ["42"]
@@ -251,6 +254,14 @@ def test_output_router_sends_lines_to_the_log(fake):
     writer.write("one\ntwo")
     writer.flush()
     assert spank.log_lines == [("error", "one"), ("error", "two")]
+
+
+def test_submit_side_does_not_import_the_node_engine():
+    code = ("import sys, spank_sif.callbacks as c; print(c.lifecycle, "
+            "'spank_sif.lifecycle' in sys.modules, 'cryptography' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split() == ["None", "False", "False"]
 
 
 def test_errors_are_sif_errors():

@@ -5,12 +5,18 @@
 2. A step WITH --sif-image on a plain (unencrypted) image vs the same step without it (plugin
    loaded): the per-step overhead of opening, checking, loop-mounting and releasing the image.
 
+3. What loading the plugin costs a process (srun and slurmstepd each load it once, slurmd at start):
+   a fresh process dlopen()ing it as Slurm does (RTLD_LAZY, local; this maps libpython, which is
+   never initialised) vs not, in CPU time, which other load on the machine disturbs less.
+
 Runs alternate between the variants, so drift on a shared machine hits both alike.
 
-    python bench/bench_srun.py [--rounds 30]
+    /opt/spank-sif/bin/python3 bench/bench_srun.py [--rounds 30]
 """
 import argparse
 import os
+import resource
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -59,6 +65,28 @@ def summary(times: list) -> str:
             f"   stdev {statistics.pstdev(times) * 1000:6.1f} ms")
 
 
+def load_cost(rounds: int) -> tuple:
+    """Median wall and mean CPU (ms) of a fresh process that only loads ctypes, without and with
+    dlopen(plugin, RTLD_LAZY)."""
+    from spank_sif.cli.plugin import plugin_path  # the installed plugin (run with its Python)
+    codes = {"not loaded": "import ctypes",
+             "loaded": f"import ctypes; ctypes.CDLL({plugin_path()!r}, mode={os.RTLD_LAZY})"}
+    results = {name: ([], 0.0) for name in codes}
+    for i in range(rounds):
+        for name in (list(codes) if i % 2 == 0 else list(codes)[::-1]):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            subprocess.run(["/usr/bin/python3", "-S", "-c", codes[name]], check=True)
+            wall = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            walls, total = results[name]
+            walls.append(wall)
+            results[name] = (walls, total + cpu)
+    return {name: (statistics.median(w) * 1000, total / rounds * 1000)
+            for name, (w, total) in results.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -87,6 +115,13 @@ def main() -> int:
             print(f"   {name:12} {summary(values)}")
         extra = statistics.median(t["with"]) - statistics.median(t["without"])
         print(f"   per-step overhead of --sif-image (medians): {extra * 1000:.1f} ms")
+
+        print(f"3. loading the plugin into a fresh process ({args.rounds * 2} rounds each)")
+        costs = load_cost(args.rounds * 2)
+        for name, (wall, cpu) in costs.items():
+            print(f"   {name:12} median wall {wall:6.1f} ms   mean CPU {cpu:6.2f} ms")
+        print(f"   CPU cost of loading the plugin: "
+              f"{costs['loaded'][1] - costs['not loaded'][1]:.2f} ms per process")
     finally:
         cluster.cleanup()
     return 0

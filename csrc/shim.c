@@ -353,12 +353,13 @@ static int image_wanted(spank_t sp, int ctx)
 {
     char buf[8];
     int rc;
+    uint32_t step = 0;
+    if (ctx == S_CTX_REMOTE && shim_item_u32(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
+        step == SHIM_EXTERN_STEP)
+        return 0; /* the extern step runs no user tasks */
     if (option_given)
         return option_value[0] != '\0';
     if (ctx == S_CTX_REMOTE) {
-        uint32_t step = 0;
-        if (shim_item_u32(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS && step == SHIM_EXTERN_STEP)
-            return 0; /* the extern step runs no user tasks */
         rc = shim_getenv(sp, SHIM_IMAGE_ENV, buf, sizeof(buf));
         return rc == ESPANK_SUCCESS ? buf[0] != '\0' : rc == ESPANK_NOSPACE;
     }

@@ -32,12 +32,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# pip, minus the warnings some machines' pip.conf causes for local index folders that do not exist
+pip() { "$prefix/bin/pip" -q "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }
 [ -x "$prefix/bin/python3" ] || /usr/bin/python3 -m venv "$prefix"
-"$prefix/bin/pip" install -q --upgrade pip
+pip install --upgrade pip
 if [ $with_tests = 1 ]; then
-  "$prefix/bin/pip" install -q "$here[test]" virtme-ng
+  pip install "$here[test]" virtme-ng
 else
-  "$prefix/bin/pip" install -q "$here"
+  pip install "$here"
 fi
 chmod -R a+rX "$prefix"
 echo "spank-sif installed in $prefix"

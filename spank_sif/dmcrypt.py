@@ -341,13 +341,20 @@ _EXIT_WRONG_KEY, _EXIT_NO_MEMORY = 2, 3
 
 
 def _binary_slot(device: str, name: str, keyslot: int, passphrase) -> bool:
-    proc = subprocess.run([_binary(), "open", "--type", "luks2", "--readonly", "--batch-mode",
-                           "--key-slot", str(keyslot), "--key-file", "-", device, name],
-                          input=bytes(passphrase), capture_output=True, check=False,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    proc = subprocess.Popen([_binary(), "open", "--type", "luks2", "--readonly", "--batch-mode",
+                             "--key-slot", str(keyslot), "--key-file", "-", device, name],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0,
+                            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    try:
+        proc.stdin.write(passphrase)  # the caller's buffer itself: no copy of the key to forget
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    stderr = proc.stderr.read()
+    proc.wait()
     if proc.returncode == 0:
         return True
-    detail = proc.stderr.decode(errors="replace").strip().splitlines()
+    detail = stderr.decode(errors="replace").strip().splitlines()
     detail = detail[-1] if detail else f"cryptsetup exited with {proc.returncode}"
     if proc.returncode == _EXIT_WRONG_KEY:
         return False

@@ -128,25 +128,47 @@ def _run_as(user: str, *argv) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
-def test_setuid_binary_in_the_image_does_not_run_as_root(ref, site, wd):
+EUID_PROBE = '#include <stdio.h>\n#include <unistd.h>\nint main(void){printf("%d\\n",(int)geteuid());return 0;}\n'
+
+
+def _suid_probe_image(ref, wd: Path) -> Path:
+    """An encrypted image (Apptainer's layout) whose tree holds ``bin/euid``: a setuid-root program
+    that prints its effective uid (busybox drops set-uid privileges by itself for ``id``, so it cannot
+    show whether the mount honours the bit)."""
+    import reftools
+    tree = wd / "probe-tree"
+    shutil.copytree(ref.rootfs, tree, symlinks=True)
+    (wd / "euid.c").write_text(EUID_PROBE)
+    subprocess.run(["gcc", "-static", "-O", "-o", tree / "bin" / "euid", wd / "euid.c"], check=True)
+    os.chmod(tree / "bin" / "euid", 0o4755)
+    sqfs = reftools.make_squashfs(tree, wd / "probe.sqfs")
+    volume = reftools.luks_encrypt_payload(sqfs, wd / "probe.luks", ref.pass_file.read_bytes())
+    image = reftools.sifref_build(wd / "probe.sif", volume, fs="encrypted")
+    image.chmod(0o644)
+    return image
+
+
+def test_setuid_binary_in_the_image_does_not_run_as_root(ref_images, ref, site, wd):
     config, _ = site
     target, control = wd / "mnt", wd / "control"
     target.mkdir(mode=0o755)
     control.mkdir(mode=0o755)
-    unlocked = lifecycle.unlock(str(ref.fast_pass_4k), _user(), _env(ref, "pass"), "cli", config)
+    image = _suid_probe_image(ref_images, wd)
+    uid = str(pwd.getpwnam(USER).pw_uid)
+    unlocked = lifecycle.unlock(str(image), _user(), _env(ref, "pass"), "cli", config)
     try:
         lifecycle.mount(unlocked, str(target), private=False)
-        suid = target / "bin" / "suid-busybox"
-        assert os.stat(suid).st_mode & 0o4000 and os.stat(suid).st_uid == 0
-        uid = str(pwd.getpwnam(USER).pw_uid)
-        ran = _busybox_as(USER, suid, "id", "-u")
-        assert ran.returncode == 0, ran.stderr
-        assert ran.stdout.strip() == uid
-        # Control: the same file system mounted without nosuid does give root, so the check above
-        # really tests the nosuid flag.
+        for binary in (target / "bin" / "suid-busybox", target / "bin" / "euid"):
+            assert os.stat(binary).st_mode & 0o4000 and os.stat(binary).st_uid == 0
+        ran = _busybox_as(USER, target / "bin" / "suid-busybox", "id", "-u")
+        assert (ran.returncode, ran.stdout.strip()) == (0, uid), ran.stderr
+        ran = _run_as(USER, target / "bin" / "euid")
+        assert (ran.returncode, ran.stdout.strip()) == (0, uid), ran.stderr
+        # Control: the same file system mounted without nosuid does run the probe as root, so the
+        # check above really tests the engine's nosuid flag.
         subprocess.run(["mount", "-t", "squashfs", "-o", "ro", unlocked.device, str(control)], check=True)
         try:
-            assert _busybox_as(USER, control / "bin" / "suid-busybox", "id", "-u").stdout.strip() == "0"
+            assert _run_as(USER, control / "bin" / "euid").stdout.strip() == "0"
         finally:
             subprocess.run(["umount", str(control)], check=True)
     finally:

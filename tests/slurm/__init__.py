@@ -225,8 +225,10 @@ class SlurmCluster:
         env.update(extra)
         return env
 
-    def run(self, argv, user="sifuser", env=None, timeout=90, cwd=None, input=None, check=False):
-        """Run a Slurm command as ``user``; returns the CompletedProcess (text)."""
+    def run(self, argv, user="sifuser", env=None, timeout=None, cwd=None, input=None, check=False):
+        """Run a Slurm command as ``user``; returns the CompletedProcess (text). The VM emulates its
+        CPU (and shares the machine): commands there get more time."""
+        timeout = timeout or (300 if os.environ.get("SPANK_SIF_IN_VM") == "1" else 90)
         entry = pwd.getpwnam(user)
         groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
         full_env = self.env(user)

@@ -4,6 +4,7 @@ way Apptainer builds them, opened with the real libcryptsetup and kernel, and to
 Most tests work in forked children of the test process (modules already imported: Python start-up
 under emulation costs seconds) or in-process; the CLI itself is exercised where its behaviour is the
 point."""
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -142,7 +143,8 @@ def _suid_probe_image(ref, wd: Path) -> Path:
     subprocess.run(["gcc", "-static", "-O", "-o", tree / "bin" / "euid", wd / "euid.c"], check=True)
     os.chmod(tree / "bin" / "euid", 0o4755)
     sqfs = reftools.make_squashfs(tree, wd / "probe.sqfs")
-    volume = reftools.luks_encrypt_payload(sqfs, wd / "probe.luks", ref.pass_file.read_bytes())
+    with contextlib.chdir(wd):  # cryptsetup reencrypt writes a temporary header in its cwd
+        volume = reftools.luks_encrypt_payload(sqfs, wd / "probe.luks", ref.pass_file.read_bytes())
     image = reftools.sifref_build(wd / "probe.sif", volume, fs="encrypted")
     image.chmod(0o644)
     return image

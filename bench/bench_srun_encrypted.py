@@ -1,0 +1,112 @@
+"""Benchmark: what an encrypted image adds to an srun step beyond the key derivation.
+
+Runs in the VM harness (dm-crypt needed), on a real single-node Slurm started there, jobs as the
+unprivileged test user. Alternately and N times, on the same cheap-KDF reference images (built the way
+Apptainer builds them; cheap so the fixed costs are visible):
+- plain:     ``srun --sif-image=plain.sif true``      (loop + squashfs mount, no crypto)
+- encrypted: ``srun --sif-image=enc.sif true``        (the same plus LUKS2 unlock with dm-crypt)
+- kdf:       ``cryptsetup open --test-passphrase`` on the encrypted partition (the KDF and digest
+             check that any unlock pays, Apptainer's included)
+Reports medians and: encrypted - plain - kdf = what spank-sif's encrypted path costs on top.
+
+    python3 bench/bench_srun_encrypted.py [--runs N]   # on the host: boots the VM, runs itself there
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+
+def _timed(argv, **kw) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, **kw)
+    return time.perf_counter() - start
+
+
+def inside(runs: int) -> dict:
+    from slurm import SlurmCluster
+    from slurm.fixtures import site_yaml
+    from vm import fixtures
+    from spank_sif import sif
+
+    ref = fixtures.ref_images(Path(os.environ["SPANK_SIF_VM_WORK"]) / "bench-ref")
+    cluster = SlurmCluster(tempfile.mkdtemp(prefix="spank-sif-bench-"))
+    try:
+        cluster.start()
+        cluster.set_plugin(True)
+        cluster.write_site_config(site_yaml(cluster))
+        d = cluster.root / "images"
+        d.mkdir(mode=0o755)
+        images = {}
+        for name, src in (("plain", ref.plain), ("encrypted", ref.fast_pass_4k)):
+            images[name] = d / f"{name}.sif"
+            shutil.copyfile(src, images[name])
+            images[name].chmod(0o644)
+        passphrase = ref.pass_file.read_text()
+        env = {"APPTAINER_ENCRYPTION_PASSPHRASE": passphrase}
+        fd = os.open(images["encrypted"], os.O_RDONLY)
+        part = sif.read_sif(fd).primary_partition()
+        os.close(fd)
+        loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(part.offset), "--sizelimit",
+                               str(part.size), str(images["encrypted"])], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        times = {"plain": [], "encrypted": [], "kdf": []}
+        try:
+            cluster.run(["srun", "true"], check=True)  # warm-up
+            for i in range(runs):
+                order = ["plain", "encrypted", "kdf"] if i % 2 == 0 else ["kdf", "encrypted", "plain"]
+                for name in order:
+                    start = time.perf_counter()
+                    if name == "kdf":
+                        subprocess.run(["cryptsetup", "open", "--test-passphrase", "--type", "luks2",
+                                        "--key-file", str(ref.pass_file), loop], check=True)
+                    else:
+                        cluster.run(["srun", f"--sif-image={images[name]}", "true"], env=env, check=True)
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    finally:
+        cluster.cleanup()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"runs": runs, "median_s": {k: round(v, 3) for k, v in med.items()},
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "encrypted_beyond_plain_and_kdf_s": round(med["encrypted"] - med["plain"] - med["kdf"], 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside or os.environ.get("SPANK_SIF_IN_VM") == "1":
+        print(json.dumps(inside(args.runs), indent=1))
+        return 0
+    from vm import fixtures
+    from vm.harness import run_in_vm
+    import reftools
+    reftools.reftools()  # build the reference tools here: Go under emulation is slow
+    result = run_in_vm([sys.executable, __file__, "--inside", "--runs", str(args.runs)], cwd=REPO,
+                       rwdirs=(fixtures.prepare_cache(),), timeout=1800)
+    if result.returncode != 0:
+        print(result.tail(), file=sys.stderr)
+        return 1
+    report = json.loads(result.stdout)
+    print(json.dumps(report, indent=1))
+    m = report["median_s"]
+    print(f"srun with a plain image {m['plain']:.3f} s, with an encrypted image {m['encrypted']:.3f} s; "
+          f"KDF + digest (cryptsetup --test-passphrase) {m['kdf']:.3f} s; encrypted path beyond plain "
+          f"and KDF: {report['encrypted_beyond_plain_and_kdf_s'] * 1000:.0f} ms (all under emulation)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

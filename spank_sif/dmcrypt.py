@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from spank_sif import luks2
 from spank_sif.errors import (PolicyError, SifError, SystemSetupError, UnsupportedImageError,
                               WrongKeyError)
 
@@ -165,21 +166,17 @@ class Slot:
 
 
 def _slots(volume) -> list[Slot]:
-    keyslots = volume.keyslots
-    items = keyslots.items() if isinstance(keyslots, dict) else \
-        ((getattr(k, "id", None), k) for k in keyslots)
-    out = []
-    for key, ks in items:
-        kdf = ks.kdf
-        out.append(Slot(int(key), str(kdf.type), int(getattr(kdf, "memory_kib", 0) or 0)))
-    return sorted(out, key=lambda s: s.id)
+    """The keyslots a key is tried against, in cryptsetup's order (``luks2.keyslot_order``: bound
+    to the data segment, "prefer" first, "ignore" never), so that the plugin accepts exactly the
+    keys ``verify-key`` accepts: naming a keyslot to libcryptsetup would bypass its priorities."""
+    return [Slot(k.id, k.kdf.type, k.kdf.memory_kib) for k in luks2.keyslot_order(volume)]
 
 
 def usable_slots(volume, cap_kib: int) -> list[Slot]:
     """Keyslots whose KDF fits under the cap; PolicyError before any KDF if none does."""
     slots = _slots(volume)
     if not slots:
-        raise UnsupportedImageError("the image's LUKS2 volume has no keyslot: it cannot be opened")
+        raise UnsupportedImageError("the image's LUKS2 volume has no usable keyslot: it cannot be opened")
     usable = [s for s in slots if s.memory_kib <= cap_kib]
     if not usable:
         least = min(s.memory_kib for s in slots)

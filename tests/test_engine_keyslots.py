@@ -1,0 +1,30 @@
+"""The plugin tries a key against the same keyslots, in the same order, as cryptsetup and
+``verify-key`` (luks2.keyslot_order): "ignore" keyslots never, "prefer" first. Volumes from the
+real cryptsetup; the activation itself is exercised in the VM tests."""
+import os
+import subprocess
+
+import reftools
+from spank_sif import dmcrypt, luks2
+
+
+def _cryptsetup(*args, key: bytes):
+    subprocess.run(["cryptsetup", *args], input=key, check=True, capture_output=True)
+
+
+def test_keyslots_are_tried_in_cryptsetups_order(tmp_path):
+    vol = reftools.luks_format(tmp_path / "v.luks", b"zero", 20 << 20)
+    for slot, new in ((1, b"one"), (2, b"two")):
+        newkey = tmp_path / f"k{slot}"
+        newkey.write_bytes(new)
+        _cryptsetup("luksAddKey", "--batch-mode", *reftools.FAST_PBKDF, "--key-slot", str(slot),
+                    "--key-file", "-", str(vol), str(newkey), key=b"zero")
+    _cryptsetup("config", "--priority", "ignore", "--key-slot", "0", str(vol), key=b"")
+    _cryptsetup("config", "--priority", "prefer", "--key-slot", "2", str(vol), key=b"")
+    fd = os.open(vol, os.O_RDONLY)
+    try:
+        volume = luks2.read_luks2(fd)
+    finally:
+        os.close(fd)
+    assert [s.id for s in dmcrypt.usable_slots(volume, 1 << 20)] == [2, 1]
+    assert [k.id for k in luks2.keyslot_order(volume)] == [2, 1]

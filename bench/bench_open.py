@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+import vmrun  # noqa: E402  (puts the repository and tests/ on sys.path)
+
+REPO = vmrun.REPO
 
 
 def _timed(fn) -> float:
@@ -100,20 +101,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.inside or os.environ.get("SPANK_SIF_IN_VM") == "1":
-        print(json.dumps(inside(args.runs), indent=1))
-        return 0
-    from vm import fixtures
-    from vm.harness import run_in_vm
-    import reftools
-    reftools.reftools()  # build the reference tools here: Go under emulation is slow
-    result = run_in_vm([sys.executable, __file__, "--inside", "--runs", str(args.runs)], cwd=REPO,
-                       rwdirs=(fixtures.prepare_cache(),), timeout=1800)
-    if result.returncode != 0:
-        print(result.tail(), file=sys.stderr)
+    report = vmrun.measure(__file__, inside, args.runs, args.inside)
+    if report is None:
         return 1
-    report = json.loads(result.stdout)
     print(json.dumps(report, indent=1))
+    if args.inside:
+        return 0
     for label, r in report.items():
         m = r["median_s"]
         print(f"{label}: cryptsetup --test-passphrase {m['baseline']:.3f} s, engine open {m['engine']:.3f} s "

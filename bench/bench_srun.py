@@ -108,7 +108,7 @@ def main() -> int:
         ratio = statistics.median(t["loaded"]) / statistics.median(t["not loaded"])
         print(f"   ratio loaded/not loaded (medians): {ratio:.3f}  (target <= 1.02)")
 
-        print(f"2. srun true with --sif-image (plain image) vs without, plugin loaded")
+        print("2. srun true with --sif-image (plain image) vs without, plugin loaded")
         t = compare(cluster, args.rounds, {"without": (True, ["srun", "true"]),
                                            "with": (True, ["srun", f"--sif-image={image}", "true"])})
         for name, values in t.items():

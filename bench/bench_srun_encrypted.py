@@ -22,14 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+import vmrun  # noqa: E402  (puts the repository and tests/ on sys.path)
 
-
-def _timed(argv, **kw) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, **kw)
-    return time.perf_counter() - start
+REPO = vmrun.REPO
 
 
 def inside(runs: int) -> dict:
@@ -87,20 +82,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.inside or os.environ.get("SPANK_SIF_IN_VM") == "1":
-        print(json.dumps(inside(args.runs), indent=1))
-        return 0
-    from vm import fixtures
-    from vm.harness import run_in_vm
-    import reftools
-    reftools.reftools()  # build the reference tools here: Go under emulation is slow
-    result = run_in_vm([sys.executable, __file__, "--inside", "--runs", str(args.runs)], cwd=REPO,
-                       rwdirs=(fixtures.prepare_cache(),), timeout=1800)
-    if result.returncode != 0:
-        print(result.tail(), file=sys.stderr)
+    report = vmrun.measure(__file__, inside, args.runs, args.inside)
+    if report is None:
         return 1
-    report = json.loads(result.stdout)
     print(json.dumps(report, indent=1))
+    if args.inside:
+        return 0
     m = report["median_s"]
     print(f"srun with a plain image {m['plain']:.3f} s, with an encrypted image {m['encrypted']:.3f} s; "
           f"KDF + digest (cryptsetup --test-passphrase) {m['kdf']:.3f} s; encrypted path beyond plain "

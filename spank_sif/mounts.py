@@ -117,8 +117,8 @@ def mount_squashfs(device: str, target: str, create: bool = False) -> None:
             raise SystemSetupError("this node's kernel lacks squashfs: ask your admin to load the "
                                    "squashfs module") from None
         if exc.errno == errno.EINVAL:
-            raise SystemSetupError(f"the image's file system cannot be mounted (not squashfs, damaged, "
-                                   f"or a compression this kernel lacks)") from None
+            raise SystemSetupError("the image's file system cannot be mounted (not squashfs, damaged, "
+                                   "or a compression this kernel lacks)") from None
         raise SystemSetupError(f"cannot mount the image at {target}: {exc.strerror}") from None
     finally:
         os.close(dirfd)

@@ -8,7 +8,6 @@ though the engine runs as root.
 """
 import array
 import errno
-import grp
 import os
 import pwd
 import socket

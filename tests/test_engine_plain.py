@@ -3,7 +3,6 @@ through ``spank-sif open/list/close/epilog/cleanup``, every refusal, and crashes
 import json
 import os
 import shutil
-import struct
 import subprocess
 
 import pytest

@@ -231,13 +231,19 @@ def test_bug_is_logged_with_traceback_but_user_sees_one_generic_line(fake, site,
     assert any("ZeroDivisionError" in m for _, m in spank.log_lines)
 
 
-def test_job_epilog_sweeps_the_job(fake, site, monkeypatch):
-    spank = fake(context="job_script")
-    swept = []
-    callbacks.import_node_modules()
-    monkeypatch.setattr(callbacks.lifecycle, "sweep_job", lambda job, config: swept.append(job))
+def test_job_epilog_sweeps_what_the_job_left(fake, site, tmp_path):
+    """Records as a step SIGKILLed right after it started leaves them; the real engine sweeps this
+    job's and leaves another job's alone."""
+    from spank_sif.state import StateDir
+    fake(context="job_script")
+    state = StateDir(str(tmp_path / "state"))
+    for job in ("42.0", "43.0"):
+        state.record("session", job, f"spank-sif-{job}-0badc0de",
+                     {"image": "/images/app.sif", "user": "u", "uid": 1000, "pid": 2 ** 22 + 1,
+                      "encrypted": False, "status": "opening"})
     assert callbacks.dispatch("job_epilog", None, site()) == 0
-    assert swept == ["42"]
+    assert state.records("42") == []
+    assert [r.job for r in state.records("43")] == ["43.0"]
 
 
 def test_step_labels_name_special_steps(fake):

@@ -104,7 +104,7 @@ def test_key_variables_do_not_reach_the_tasks(cluster, plain_images):
 def test_sbatch_script_and_nested_sruns(cluster, plain_images):
     image = user_copy(cluster, plain_images["plain"])
     other = user_copy(cluster, plain_images["plain"], name="other.sif")
-    script = f"""#!/bin/sh
+    script = """#!/bin/sh
 #SBATCH --sif-image=app.sif
 echo "batch $SIF_IMAGE_ROOT $SLURM_SIF_IMAGE"; cat "$SIF_IMAGE_ROOT/hello.txt"
 srun sh -c 'echo "nested $SLURM_SIF_IMAGE"; cat "$SIF_IMAGE_ROOT/hello.txt"'

@@ -36,7 +36,7 @@ def _timed(fn) -> float:
 def inside(runs: int) -> dict:
     from engine_helpers import USER, cli, ensure_users, world_dir, write_config
     from vm import fixtures
-    from spank_sif import lifecycle, sif
+    from spank_sif import lifecycle
     from spank_sif.config import SiteConfig
     from spank_sif.userfiles import User
 
@@ -59,13 +59,8 @@ def inside(runs: int) -> dict:
         image = d / source.name
         image.write_bytes(source.read_bytes())
         image.chmod(0o644)
-        fd = os.open(image, os.O_RDONLY)
-        part = sif.read_sif(fd).primary_partition()
-        os.close(fd)
-        loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(part.offset), "--sizelimit",
-                               str(part.size), str(image)], capture_output=True, text=True, check=True).stdout.strip()
         times = {"baseline": [], "engine": [], "cli": []}
-        try:
+        with vmrun.partition_loop(image) as loop:
             def baseline():
                 subprocess.run(["cryptsetup", "open", "--test-passphrase", "--type", "luks2", "--key-file",
                                 str(d / "pass.txt"), loop], check=True)
@@ -86,8 +81,6 @@ def inside(runs: int) -> dict:
                 lifecycle.release(engine.unlocked, config)
                 times["cli"].append(_timed(via_cli))
                 lifecycle.release(str(target), config)
-        finally:
-            subprocess.run(["losetup", "-d", loop], check=False)
         med = {k: statistics.median(v) for k, v in times.items()}
         report[label] = {"runs": runs, "median_s": {k: round(v, 3) for k, v in med.items()},
                          "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},

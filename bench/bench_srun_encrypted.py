@@ -31,7 +31,6 @@ def inside(runs: int) -> dict:
     from slurm import SlurmCluster
     from slurm.fixtures import site_yaml
     from vm import fixtures
-    from spank_sif import sif
 
     ref = fixtures.ref_images(Path(os.environ["SPANK_SIF_VM_WORK"]) / "bench-ref")
     cluster = SlurmCluster(tempfile.mkdtemp(prefix="spank-sif-bench-"))
@@ -48,14 +47,8 @@ def inside(runs: int) -> dict:
             images[name].chmod(0o644)
         passphrase = ref.pass_file.read_text()
         env = {"APPTAINER_ENCRYPTION_PASSPHRASE": passphrase}
-        fd = os.open(images["encrypted"], os.O_RDONLY)
-        part = sif.read_sif(fd).primary_partition()
-        os.close(fd)
-        loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(part.offset), "--sizelimit",
-                               str(part.size), str(images["encrypted"])], capture_output=True, text=True,
-                              check=True).stdout.strip()
         times = {"plain": [], "encrypted": [], "kdf": []}
-        try:
+        with vmrun.partition_loop(images["encrypted"]) as loop:
             cluster.run(["srun", "true"], check=True)  # warm-up
             for i in range(runs):
                 order = ["plain", "encrypted", "kdf"] if i % 2 == 0 else ["kdf", "encrypted", "plain"]
@@ -67,8 +60,6 @@ def inside(runs: int) -> dict:
                     else:
                         cluster.run(["srun", f"--sif-image={images[name]}", "true"], env=env, check=True)
                     times[name].append(time.perf_counter() - start)
-        finally:
-            subprocess.run(["losetup", "-d", loop], check=False)
     finally:
         cluster.cleanup()
     med = {k: statistics.median(v) for k, v in times.items()}

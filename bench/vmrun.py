@@ -1,7 +1,9 @@
 """Run a benchmark's measuring part where dm-crypt is: here if this kernel has it (or we are the VM
 harness's guest), else inside one VM of the harness (tests/vm), and return what it measured."""
+import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,3 +26,21 @@ def measure(script: str, inside, runs: int, inside_flag: bool) -> dict | None:
         print(result.tail(), file=sys.stderr)
         return None
     return json.loads(result.stdout)
+
+
+@contextlib.contextmanager
+def partition_loop(image):
+    """A read-only loop device over the image's primary partition (the baseline for
+    ``cryptsetup open --test-passphrase``), set up outside any timing and removed afterwards."""
+    from spank_sif import sif
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        part = sif.read_sif(fd).primary_partition()
+    finally:
+        os.close(fd)
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(part.offset), "--sizelimit",
+                           str(part.size), str(image)], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield loop
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)

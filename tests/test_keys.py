@@ -49,7 +49,7 @@ A, S = "APPTAINER_ENCRYPTION_", "SINGULARITY_ENCRYPTION_"
 SOURCE_CASES = [
     # (environment, expected (kind, variable) or None)
     ({}, None),
-    ({"HOME": "/root"}, None),
+    ({"HOME": "/home/alice"}, None),
     ({A + "PASSPHRASE": "p", A + "PEM_PATH": "/k.pem"}, ("pem_path", A + "PEM_PATH")),
     ({A + "PASSPHRASE": "p", A + "PEM_DATA": "pem"}, ("pem_data", A + "PEM_DATA")),
     ({A + "PEM_DATA": "pem", A + "PEM_PATH": "/k.pem"}, ("pem_path", A + "PEM_PATH")),

@@ -10,7 +10,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["spank_sif", "spank_sif.*"]),
-    install_requires=["cffi>=1.15", "cryptography>=3.4", "pyyaml>=5.1"],
+    # cryptography 47: Argon2i (LUKS2 keyslots may use it; Argon2id arrived in 44).
+    install_requires=["cffi>=1.15", "cryptography>=47", "pyyaml>=5.1"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     # The SPANK plugin: a cffi-built shared object, spank_sif/_plugin.<ext> (csrc/build_plugin.py).
     cffi_modules=["csrc/build_plugin.py:ffibuilder"],

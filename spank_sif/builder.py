@@ -15,7 +15,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from spank_sif import keys, sif
 from spank_sif.errors import SifError, SystemSetupError, UsageError
@@ -55,8 +55,7 @@ def encrypt_squashfs(squashfs: str, volume: str, key, pbkdf_args=()) -> None:
         raise
 
 
-@dataclass
-class BuiltImage:
+class BuiltImage(NamedTuple):
     path: str
     mode: str  # "passphrase" or "pem"
 

@@ -6,9 +6,8 @@ A missing file at the *default* path means "all defaults"; a file named explicit
 Unknown keys and wrong types are errors naming the file and the key: a typo must never silently
 weaken a security setting.
 """
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from spank_sif.errors import ConfigError
 
@@ -28,8 +27,7 @@ KEY_VARIABLE_KINDS = ("_PEM_PATH", "_PEM_DATA", "_PASSPHRASE")
 LOG_LEVELS = ("error", "info", "verbose", "debug")
 
 
-@dataclass(frozen=True)
-class SiteConfig:
+class SiteConfig(NamedTuple):
     """Every setting, with its default. Field comments are the admin documentation."""
 
     # Where each task sees the image's root filesystem (created, root-owned, if missing).
@@ -51,7 +49,7 @@ class SiteConfig:
     # How much the plugin logs to slurmd's log: error, info, verbose or debug.
     log_level: str = "info"
     # Where the settings came from (for messages); not a setting.
-    source: str = field(default="(defaults)", compare=False)
+    source: str = "(defaults)"
 
 
 def _check_absolute(path: str, key: str, where: str) -> str:
@@ -68,7 +66,7 @@ def _expect(value, kind, key: str, where: str, what: str):
 
 
 def _validate(raw: dict, where: str) -> SiteConfig:
-    known = {f.name for f in dataclasses.fields(SiteConfig) if f.name != "source"}
+    known = set(SiteConfig._fields) - {"source"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")

@@ -15,7 +15,7 @@ import os
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from spank_sif import luks2
 from spank_sif.errors import (PolicyError, SifError, SystemSetupError, UnsupportedImageError,
@@ -154,8 +154,7 @@ def _wait_for_node(name: str) -> str:
 # ---------------------------------------------------------------- KDF cost and concurrency
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     id: int
     kdf_type: str
     memory_kib: int

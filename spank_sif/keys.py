@@ -13,8 +13,7 @@ damage limitation, not a guarantee; nothing here ever writes a secret anywhere.
 """
 import base64
 import binascii
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 from spank_sif.config import DEFAULT_KEY_VARIABLES  # noqa: F401  (re-exported: the precedence list)
 from spank_sif.errors import ImageError, KeyMaterialError, WrongKeyError
@@ -69,15 +68,14 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
-@dataclass(frozen=True)
-class KeySource:
+class KeySource(NamedTuple):
     """Where the key comes from. ``variable`` is what messages name (an environment variable, or a
     command-line option). ``path`` for ``pem_path``; ``secret`` holds the passphrase or PEM text."""
 
     kind: str  # "passphrase", "pem_path" or "pem_data"
     variable: str
     path: str = ""
-    secret: Secret | None = field(default=None, repr=False, compare=False)
+    secret: Secret | None = None  # its repr never shows the value
 
     def describe(self) -> str:
         return f"{self.variable}={self.path}" if self.kind == "pem_path" else self.variable

@@ -10,7 +10,7 @@ import os
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from spank_sif.errors import SystemSetupError
 
@@ -37,8 +37,7 @@ ATTACH_ATTEMPTS = 20  # free devices raced away by other attachers (EBUSY) befor
 STATUS_ATTEMPTS = 10  # EAGAIN from LOOP_SET_STATUS64 while the kernel flushes the page cache
 
 
-@dataclass(frozen=True)
-class LoopStatus:
+class LoopStatus(NamedTuple):
     backing_dev: int
     backing_ino: int
     offset: int
@@ -46,13 +45,16 @@ class LoopStatus:
     flags: int
 
 
-@dataclass
 class LoopDevice:
     """An attached loop device; ``fd`` keeps it alive until ``close()`` (then autoclear applies)."""
 
-    path: str
-    number: int
-    fd: int
+    __slots__ = ("path", "number", "fd")
+
+    def __init__(self, path: str, number: int, fd: int):
+        self.path, self.number, self.fd = path, number, fd
+
+    def __repr__(self):
+        return f"LoopDevice({self.path!r}, fd={self.fd})"
 
     def close(self) -> None:
         if self.fd >= 0:

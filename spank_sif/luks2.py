@@ -21,7 +21,7 @@ import hmac
 import json
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from spank_sif.errors import ImageError, PolicyError, UnsupportedImageError, WrongKeyError
 from spank_sif.keys import Secret
@@ -46,8 +46,7 @@ PRIORITY_IGNORE, PRIORITY_NORMAL, PRIORITY_PREFER = 0, 1, 2
 SECTOR = 512  # keyslot areas and IVs count in 512-byte units whatever the data sector size
 
 
-@dataclass(frozen=True)
-class KdfCost:
+class KdfCost(NamedTuple):
     """What running a keyslot's KDF costs: the site cap is checked against this before running it.
 
     Argon2 keyslots have ``memory_kib``, ``time`` (passes) and ``threads``; PBKDF2 keyslots have
@@ -65,8 +64,7 @@ class KdfCost:
         return f"{self.type}, {self.memory_kib} KiB, {self.time} passes, {self.threads} threads"
 
 
-@dataclass(frozen=True)
-class Keyslot:
+class Keyslot(NamedTuple):
     id: int
     priority: int
     key_size: int  # of the volume key it holds
@@ -80,8 +78,7 @@ class Keyslot:
     area_key_size: int  # of the key the KDF derives to decrypt the area
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     offset: int  # relative to the volume start
     size: int  # bytes ("dynamic" resolved against the volume size)
     cipher: str
@@ -93,8 +90,7 @@ class Segment:
         return self.size // self.sector_size
 
 
-@dataclass(frozen=True)
-class Digest:
+class Digest(NamedTuple):
     id: int
     keyslots: frozenset
     segments: frozenset
@@ -104,8 +100,7 @@ class Digest:
     digest: bytes
 
 
-@dataclass(frozen=True)
-class Luks2Volume:
+class Luks2Volume(NamedTuple):
     offset: int  # of the volume in the file
     size: int
     uuid: str

@@ -11,14 +11,12 @@ script, descriptor table at 4096, data right after the table, partitions aligned
 
 Format facts and their upstream sources: shared/notes/sif-format.md, sections 1-5.
 """
-import datetime
 import enum
 import os
 import stat
 import struct
 import time
-import uuid
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from spank_sif.errors import ImageError, UnsupportedImageError
 
@@ -141,14 +139,14 @@ def format_time(seconds: int) -> str | None:
     """ISO 8601 UTC, or None for "not set" (Go's zero time) and values no calendar can show."""
     if seconds == GO_ZERO_TIME:
         return None
+    import datetime  # here: only inspect shows times, and every command pays its imports at start-up
     try:
         return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat()
     except (OverflowError, OSError, ValueError):
         return None
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """The global header, field by field (sif v2 names)."""
 
     launch_script: str
@@ -171,7 +169,8 @@ class Header:
 
     @property
     def uuid(self) -> str:
-        return str(uuid.UUID(bytes=self.id))
+        h = self.id.hex()  # as uuid.UUID(bytes=...) prints it, without importing uuid (3 ms)
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def to_dict(self) -> dict:
         return {
@@ -183,8 +182,7 @@ class Header:
         }
 
 
-@dataclass(frozen=True)
-class Descriptor:
+class Descriptor(NamedTuple):
     """One used descriptor, field by field. ``group_id`` and ``linked_id`` are the stored values;
     ``group``, ``link`` and ``link_is_group`` decode them. ``index`` is the slot in the table."""
 
@@ -299,8 +297,7 @@ class Descriptor:
         return d
 
 
-@dataclass(frozen=True)
-class SifImage:
+class SifImage(NamedTuple):
     """A validated image: its header, its used descriptors in table order, the file's size."""
 
     name: str
@@ -498,8 +495,7 @@ def open_image(path: str) -> int:
 # Writing
 
 
-@dataclass(frozen=True)
-class SifObject:
+class SifObject(NamedTuple):
     """A data object to write: ``data`` is bytes, or the path of a file whose content is copied."""
 
     data_type: DataType
@@ -549,6 +545,7 @@ def write_sif(target, objects, *, launch_script: str = LAUNCH_SCRIPT, image_id: 
         raise ValueError(f"{len(objects)} objects do not fit in {descriptors_total} descriptors")
     if len(launch_script.encode()) >= 32:
         raise ValueError("the launch script must be shorter than 32 bytes")
+    import uuid
     now = int(time.time()) if created_at is None else created_at
     fd = target if isinstance(target, int) else os.open(
         target, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o755)

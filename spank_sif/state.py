@@ -10,7 +10,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 from spank_sif.errors import StateError
@@ -30,8 +30,7 @@ def check_label(value: str, what: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     kind: str
     job: str
     session: str

@@ -12,7 +12,7 @@ import os
 import pwd
 import socket
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from spank_sif.errors import ImageError, SifError, UsageError
 
@@ -20,8 +20,7 @@ from spank_sif.errors import ImageError, SifError, UsageError
 OPEN_TIMEOUT_S = 60
 
 
-@dataclass(frozen=True)
-class User:
+class User(NamedTuple):
     """Who a file is opened as: numeric identity plus the name for messages."""
 
     uid: int

@@ -278,7 +278,7 @@ def _max_overlap(log: Path) -> tuple[int, int]:
 @pytest.mark.parametrize("allowed, image_name", [(2, "fast"), (1, "default")])
 def test_parallel_opens_never_run_more_kdfs_than_allowed(ref, site, tmp_path, wd, allowed, image_name):
     config, state = site
-    config = replace(config, kdf_max_parallel=allowed)
+    config = config._replace(kdf_max_parallel=allowed)
     image = ref.fast_pass_4k if image_name == "fast" else ref.enc_pass
     images = [(c, "pass") for c in _copies(image, wd, 8)]
     results, targets = _parallel(ref, images, config, tmp_path)
@@ -320,7 +320,7 @@ def test_faults_give_one_line_and_leave_nothing(ref, site, tmp_path, wd, case, e
     elif case == "pem_for_passphrase_image":
         env = _env(ref, "pem")
     elif case == "kdf_above_cap":
-        config = replace(config, kdf_max_memory_kib=16384)
+        config = config._replace(kdf_max_memory_kib=16384)
     elif case == "missing_mount_point":
         target = tmp_path / "nowhere"
 

@@ -305,8 +305,11 @@ def job_running_here(jid: str) -> bool:
         raise SystemSetupError(f"cannot ask Slurm which jobs run here (scontrol listpids): {exc}") from None
     if proc.returncode == 0:
         return True
-    text = (proc.stdout + proc.stderr).lower()
-    if "does not exist on this node" in text or "no job steps exist" in text or "not exist" in text:
+    # scontrol prints its table header, then finds no step of the job here and says so on stderr,
+    # in words that vary (Slurm 22.05: "JobId=N does not exist on node ...", "There are no steps
+    # for job N on node ...", "No job steps exist on this node."). No header: it could not even
+    # start (no configuration, ...), and then nothing is known.
+    if proc.stdout.lstrip().startswith("PID"):
         return False
     raise SystemSetupError("cannot ask Slurm which jobs run here (scontrol listpids: "
                            f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]})")

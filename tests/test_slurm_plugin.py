@@ -5,6 +5,8 @@ nested sruns, the SLURM_SIF_IMAGE default), plain SIF images mounted through loo
 error path the host kernel allows, and a crashed step cleaned up by the epilog. Each error: one
 'sif-image:' line on the user's stderr, a non-zero exit, nothing left on the node.
 """
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+from slurm import PREFIX
 from slurm.fixtures import (HELLO, assert_one_error, cluster, kill_step, leftovers,  # noqa: F401
                             mount_point, plain_images, sif_lines, site_yaml, slurm_cluster,
                             wait_no_leftovers)
@@ -213,3 +216,67 @@ def test_killed_slurmstepd_is_cleaned_up_by_the_epilog(cluster, plain_images):
     subprocess.run(["scancel", "-u", "sifuser"], env=cluster.env(), capture_output=True)
     time.sleep(1)
     assert wait_no_leftovers(cluster, timeout=60) == []
+
+
+# ------------------------------------------------------------------ crash: the admin's stale sweep
+
+def test_stale_sweep_asks_the_real_slurm(cluster, plain_images, tmp_path):
+    """`spank-sif cleanup --stale` as an admin runs it on a node: it asks this node's slurmstepds
+    (scontrol listpids) which jobs still run, sweeps a job that does not (here: records of job 777,
+    which never ran, made by an admin 'open'), and leaves a running job's image alone."""
+    from spank_sif import lifecycle
+    from spank_sif.errors import SystemSetupError
+
+    job = subprocess.Popen(
+        ["srun", f"--sif-image={plain_images['plain']}", "sh", "-c",
+         'cat "$SIF_IMAGE_ROOT/hello.txt"; read line; cat "$SIF_IMAGE_ROOT/hello.txt"'],
+        env=cluster.env("sifuser"), user="sifuser", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    cli = [f"{PREFIX}/bin/spank-sif"]
+    try:
+        assert job.stdout.readline() == HELLO.decode()
+        running = cluster.run(["squeue", "-h", "-o", "%A"], user="root").stdout.split()
+        assert len(running) == 1
+        target = tmp_path / "stale"
+        target.mkdir()
+        opened = subprocess.run([*cli, "open", str(plain_images["plain"]), str(target), "--user", "sifuser",
+                                 "--job", "777.0", "--config", str(cluster.site_config)],
+                                env=cluster.env(), capture_output=True, text=True)
+        assert opened.returncode == 0, opened.stderr
+        with lifecycle_env(cluster):
+            assert lifecycle.job_running_here(running[0]) is True
+            assert lifecycle.job_running_here("777") is False  # another job runs: "no steps for job"
+        swept = subprocess.run([*cli, "cleanup", "--stale", "--config", str(cluster.site_config)],
+                               env=cluster.env(), capture_output=True, text=True)
+        assert swept.returncode == 0, swept.stderr
+        assert str(target) in swept.stdout and not (target / "hello.txt").exists()
+        jobs = json.loads(subprocess.run([*cli, "list", "--json", "--config", str(cluster.site_config)],
+                                         env=cluster.env(), capture_output=True, text=True).stdout)
+        assert [j["job"].split(".")[0] for j in jobs] == running
+        out, err = job.communicate("go\n", timeout=90)  # the running job still reads its image
+        assert job.returncode == 0 and out == HELLO.decode(), err
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert wait_no_leftovers(cluster, timeout=60) == []
+    with lifecycle_env(cluster):
+        assert lifecycle.job_running_here(running[0]) is False  # ended: "does not exist on node"
+    without_slurm = subprocess.run([*cli, "cleanup", "--stale", "--config", str(cluster.site_config)],
+                                   env={"PATH": "/usr/bin:/bin", "SLURM_CONF": "/nonexistent/slurm.conf"},
+                                   capture_output=True, text=True)
+    assert without_slurm.returncode == 0, "no records left: nothing to ask Slurm about"
+    with lifecycle_env(cluster, SLURM_CONF="/nonexistent/slurm.conf"), pytest.raises(SystemSetupError):
+        lifecycle.job_running_here("777")  # Slurm cannot be asked: fail closed
+
+
+@contextlib.contextmanager
+def lifecycle_env(cluster, **extra):
+    """This process's environment as a node's admin shell has it (scontrol finds the cluster)."""
+    saved = dict(os.environ)
+    os.environ.update(cluster.env(), **extra)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

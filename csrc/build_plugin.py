@@ -106,15 +106,18 @@ def make_builder() -> FFI:
     ffi.embedding_init_code(INIT_CODE)
     with open(os.path.join(HERE, "shim.c"), encoding="utf-8") as f:
         source = f.read()
+    # The paths go into the C text, not define_macros: building for another interpreter must change
+    # the generated file, or a build directory left by an earlier build hands back its plugin,
+    # baked for that other environment.
+    paths = (f"#define SHIM_LIBPYTHON {_c_string(os.path.join(libdir, soname))}\n"
+             f"#define SHIM_PYTHON {_c_string(_python_executable())}\n")
     ffi.set_source(
-        "spank_sif._plugin", source,
+        "spank_sif._plugin", paths + source,
         libraries=["python" + sysconfig.get_config_var("LDVERSION")],
         library_dirs=[libdir],
         extra_link_args=["-Wl,--disable-new-dtags", "-Wl,-rpath," + libdir],
         extra_compile_args=["-Wall", "-Wno-unused-function"],
         py_limited_api=False,
-        define_macros=[("SHIM_LIBPYTHON", _c_string(os.path.join(libdir, soname))),
-                       ("SHIM_PYTHON", _c_string(_python_executable()))],
     )
     return ffi
 

@@ -85,3 +85,17 @@ except spank.SpankCallError as err:
     lines = installed("-c", code).splitlines()
     assert lines[0] == "0 error None"
     assert lines[1].startswith("refused: spank_getenv(X) failed (SPANK error 3009)")
+
+
+def test_a_build_directory_never_hands_back_a_plugin_for_another_environment(tmp_path):
+    """Building from one checkout for two environments (an upgrade into a new prefix, a test
+    prefix) reuses the build directory; the second plugin must name its own interpreter."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for python in ("/opt/first/bin/python3", "/opt/second/bin/python3"):
+        subprocess.run([PYTHON, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                        "--build-temp", str(tmp_path / "temp")], cwd=repo, check=True, capture_output=True,
+                       env=dict(os.environ, SPANK_SIF_PYTHON=python))
+        (built,) = (tmp_path / "lib" / "spank_sif").glob("_plugin*.so")
+        code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.shim_python.restype = ctypes.c_char_p; "
+                "print(lib.shim_python().decode())")
+        assert installed("-c", code, str(built)).strip() == python

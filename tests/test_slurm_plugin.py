@@ -233,12 +233,12 @@ def test_stale_sweep_asks_the_real_slurm(cluster, plain_images, tmp_path):
         env=cluster.env("sifuser"), user="sifuser", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     cli = [f"{PREFIX}/bin/spank-sif"]
+    target = tmp_path / "stale"
+    target.mkdir()
     try:
         assert job.stdout.readline() == HELLO.decode()
         running = cluster.run(["squeue", "-h", "-o", "%A"], user="root").stdout.split()
         assert len(running) == 1
-        target = tmp_path / "stale"
-        target.mkdir()
         opened = subprocess.run([*cli, "open", str(plain_images["plain"]), str(target), "--user", "sifuser",
                                  "--job", "777.0", "--config", str(cluster.site_config)],
                                 env=cluster.env(), capture_output=True, text=True)
@@ -259,6 +259,8 @@ def test_stale_sweep_asks_the_real_slurm(cluster, plain_images, tmp_path):
         if job.poll() is None:
             job.kill()
             job.communicate()
+        if os.path.ismount(target):  # the sweep failed: leave nothing behind anyway
+            subprocess.run([*cli, "close", str(target), "--config", str(cluster.site_config)], env=cluster.env())
     assert wait_no_leftovers(cluster, timeout=60) == []
     with lifecycle_env(cluster):
         assert lifecycle.job_running_here(running[0]) is False  # ended: "does not exist on node"

@@ -59,9 +59,9 @@ int shim_job_control_setenv(spank_t sp, const char *name, const char *value, int
 INIT_CODE = """
 from spank_sif._plugin import ffi, lib
 import sys
-import traceback
 
 def _log(where, exc_info):
+    import traceback  # only for bugs: 12 ms of imports otherwise paid by every job step
     text = "".join(traceback.format_exception(*exc_info))
     for line in text.splitlines():
         lib.log_line(0, ("%s: %s" % (where, line)).encode("utf-8", "replace"))

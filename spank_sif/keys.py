@@ -22,8 +22,8 @@ KINDS = {"_PEM_PATH": "pem_path", "_PEM_DATA": "pem_data", "_PASSPHRASE": "passp
 MAX_PEM_FILE = 1 << 20  # a 16384-bit key is 12 KB; anything near this is not a key
 MAX_MESSAGE = 64 << 10  # a crypto message for a 16384-bit key is about 3 KB
 OAEP_OVERHEAD = 66  # 2 * SHA-256 size + 2: the largest plaintext chunk is k - 66 bytes
-# RSA key sizes: OAEP with SHA-256 needs at least 528 bits (k > 66 bytes); OpenSSL refuses moduli
-# over 16384 bits (OPENSSL_RSA_MAX_MODULUS_BITS); keygen makes 2048 to 16384.
+# RSA key sizes: under 1024 bits a modulus can be factored (and OAEP with SHA-256 needs 536);
+# OpenSSL refuses moduli over 16384 bits (OPENSSL_RSA_MAX_MODULUS_BITS). keygen makes 2048 to 16384.
 MIN_RSA_BITS, MAX_RSA_BITS = 1024, 16384
 
 

@@ -13,8 +13,6 @@ Reports medians and the ratio engine / baseline (target: at most 1.2 for the def
 
     python3 bench/bench_open.py [--runs N]            # on the host: boots the VM, runs itself there
 """
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -89,24 +87,16 @@ def inside(runs: int) -> dict:
     return report
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    report = vmrun.measure(__file__, inside, args.runs, args.inside)
-    if report is None:
-        return 1
-    print(json.dumps(report, indent=1))
-    if args.inside:
-        return 0
+def summarize(report: dict) -> None:
     for label, r in report.items():
         m = r["median_s"]
         print(f"{label}: cryptsetup --test-passphrase {m['baseline']:.3f} s, engine open {m['engine']:.3f} s "
               f"(ratio {r['ratio_engine_vs_test_passphrase']:.2f}; target <= 1.2 for the default KDF), "
               f"CLI {m['cli']:.3f} s (ratio {r['ratio_cli_vs_test_passphrase']:.2f})")
-    return 0
 
+
+def main() -> int:
+    return vmrun.main(__file__, __doc__, inside, 5, summarize)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,8 +11,6 @@ Reports medians and: encrypted - plain - kdf = what spank-sif's encrypted path c
 
     python3 bench/bench_srun_encrypted.py [--runs N]   # on the host: boots the VM, runs itself there
 """
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -68,23 +66,15 @@ def inside(runs: int) -> dict:
             "encrypted_beyond_plain_and_kdf_s": round(med["encrypted"] - med["plain"] - med["kdf"], 3)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    report = vmrun.measure(__file__, inside, args.runs, args.inside)
-    if report is None:
-        return 1
-    print(json.dumps(report, indent=1))
-    if args.inside:
-        return 0
+def summarize(report: dict) -> None:
     m = report["median_s"]
     print(f"srun with a plain image {m['plain']:.3f} s, with an encrypted image {m['encrypted']:.3f} s; "
           f"KDF + digest (cryptsetup --test-passphrase) {m['kdf']:.3f} s; encrypted path beyond plain "
           f"and KDF: {report['encrypted_beyond_plain_and_kdf_s'] * 1000:.0f} ms (all under emulation)")
-    return 0
 
+
+def main() -> int:
+    return vmrun.main(__file__, __doc__, inside, 7, summarize)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,6 @@
 """Run a benchmark's measuring part where dm-crypt is: here if this kernel has it (or we are the VM
 harness's guest), else inside one VM of the harness (tests/vm), and return what it measured."""
+import argparse
 import contextlib
 import json
 import os
@@ -26,6 +27,22 @@ def measure(script: str, inside, runs: int, inside_flag: bool) -> dict | None:
         print(result.tail(), file=sys.stderr)
         return None
     return json.loads(result.stdout)
+
+
+def main(script: str, doc: str, inside, default_runs: int, summarize) -> int:
+    """A VM benchmark's command line: ``--runs N``; measure (in the VM if needed), print the JSON
+    report, then ``summarize(report)`` for people (not in the guest, whose stdout is the JSON)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=default_runs)
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    report = measure(script, inside, args.runs, args.inside)
+    if report is None:
+        return 1
+    print(json.dumps(report, indent=1))
+    if not args.inside:
+        summarize(report)
+    return 0
 
 
 @contextlib.contextmanager

@@ -21,9 +21,7 @@ typedef struct spank_handle *spank_t;
 
 static const int S_CTX_ERROR, S_CTX_LOCAL, S_CTX_REMOTE, S_CTX_ALLOCATOR, S_CTX_SLURMD,
                  S_CTX_JOB_SCRIPT;
-static const int S_JOB_UID, S_JOB_GID, S_JOB_ID, S_JOB_STEPID, S_JOB_NNODES, S_JOB_NODEID,
-                 S_JOB_LOCAL_TASK_COUNT, S_JOB_TOTAL_TASK_COUNT, S_TASK_ID, S_TASK_GLOBAL_ID,
-                 S_SLURM_VERSION;
+static const int S_JOB_ID, S_JOB_STEPID, S_TASK_ID;
 static const int ESPANK_SUCCESS, ESPANK_ERROR, ESPANK_BAD_ARG, ESPANK_NOT_TASK, ESPANK_ENV_EXISTS,
                  ESPANK_ENV_NOEXIST, ESPANK_NOSPACE, ESPANK_NOT_REMOTE, ESPANK_NOEXIST,
                  ESPANK_NOT_EXECD, ESPANK_NOT_AVAIL, ESPANK_NOT_LOCAL;
@@ -33,7 +31,6 @@ extern "Python" int py_dispatch(const char *cb, spank_t sp, int ac, char **av);
 void log_line(int level, const char *msg);
 void user_line(const char *msg);
 void shim_python_broken(void);
-int shim_have_host(void);
 int shim_context(void);
 const char *shim_option_value(void);
 int shim_option_conflict(void);
@@ -44,8 +41,6 @@ int shim_item_u32(spank_t sp, int item, uint32_t *out);
 int shim_item_uid(spank_t sp, uint32_t *out);
 int shim_item_gid(spank_t sp, uint32_t *out);
 int shim_item_int(spank_t sp, int item, int *out);
-int shim_item_gids(spank_t sp, uint32_t *buf, int max, int *count);
-int shim_item_str(spank_t sp, int item, char **out);
 int shim_getenv(spank_t sp, const char *name, char *buf, int len);
 int shim_setenv(spank_t sp, const char *name, const char *value, int overwrite);
 int shim_unsetenv(spank_t sp, const char *name);
@@ -61,7 +56,7 @@ from spank_sif._plugin import ffi, lib
 import sys
 
 def _log(where, exc_info):
-    import traceback  # only for bugs: 12 ms of imports otherwise paid by every job step
+    import traceback  # only for bugs: every job step would pay for importing it
     text = "".join(traceback.format_exception(*exc_info))
     for line in text.splitlines():
         lib.log_line(0, ("%s: %s" % (where, line)).encode("utf-8", "replace"))
@@ -91,7 +86,8 @@ def _python_executable() -> str:
 
 
 def _c_string(text: str) -> str:
-    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def make_builder() -> FFI:

@@ -134,8 +134,6 @@ int shim_option_conflict(void) { return option_conflict; }
 
 /* ---------------------------------------------------------------- typed SPANK wrappers --------- */
 
-int shim_have_host(void) { return spank_getenv != NULL; }
-
 int shim_context(void) { return spank_context ? (int)spank_context() : (int)S_CTX_ERROR; }
 
 int shim_item_u32(spank_t sp, int item, uint32_t *out)
@@ -160,27 +158,6 @@ int shim_item_gid(spank_t sp, uint32_t *out)
 }
 
 int shim_item_int(spank_t sp, int item, int *out)
-{
-    return spank_get_item ? (int)spank_get_item(sp, (spank_item_t)item, out) : ESPANK_NOT_AVAIL;
-}
-
-/* Supplementary groups of the job: copies at most `max` into buf, sets *count to the total. */
-int shim_item_gids(spank_t sp, uint32_t *buf, int max, int *count)
-{
-    gid_t *gids = NULL;
-    int n = 0, rc;
-    if (!spank_get_item)
-        return ESPANK_NOT_AVAIL;
-    rc = (int)spank_get_item(sp, S_JOB_SUPPLEMENTARY_GIDS, &gids, &n);
-    if (rc != ESPANK_SUCCESS)
-        return rc;
-    for (int i = 0; i < n && i < max; i++)
-        buf[i] = (uint32_t)gids[i];
-    *count = n;
-    return rc;
-}
-
-int shim_item_str(spank_t sp, int item, char **out)
 {
     return spank_get_item ? (int)spank_get_item(sp, (spank_item_t)item, out) : ESPANK_NOT_AVAIL;
 }

@@ -13,6 +13,7 @@ with_tests=0
 packages=(
   python3 python3-venv python3-dev libpython3.11 gcc libc6-dev   # plugin build and runtime
   cryptsetup-bin libcryptsetup12 squashfs-tools kmod util-linux    # image handling on nodes
+  dmsetup                                                        # tests ask the system about mappings
   binutils procps passwd                                         # readelf, pgrep, useradd (tests, admin)
   slurmd slurmctld slurm-client munge libslurm-dev               # Slurm 22.05 (plugin headers, tests)
 )

@@ -18,7 +18,8 @@ import subprocess
 from typing import NamedTuple
 
 from spank_sif import keys, sif
-from spank_sif.errors import SifError, SystemSetupError, UsageError
+from spank_sif.secret import Secret, buffer
+from spank_sif.errors import SystemSetupError, UsageError
 
 LUKS_HEADER_SPACE = 16 << 20
 REENCRYPT_SCRATCH = 16 << 20
@@ -39,16 +40,16 @@ def encrypt_squashfs(squashfs: str, volume: str, key, pbkdf_args=()) -> None:
     shutil.copyfile(squashfs, volume)
     try:
         os.truncate(volume, size + LUKS_HEADER_SPACE + REENCRYPT_SCRATCH)
-        secret = key.value if isinstance(key, keys.Secret) else key
+        secret = buffer(key)
         argv = [_cryptsetup(), "reencrypt", "--encrypt", "--type", "luks2", "--batch-mode", "--disable-locks",
                 "--reduce-device-size", str(LUKS_HEADER_SPACE + REENCRYPT_SCRATCH), *pbkdf_args,
                 "--key-file", "-", volume]
         # cryptsetup writes a temporary header file into its working directory: use the output's.
-        done = subprocess.run(argv, input=bytes(secret), capture_output=True,
+        done = subprocess.run(argv, input=bytes(secret), capture_output=True, check=False,
                               cwd=os.path.dirname(os.path.abspath(volume)))
         if done.returncode != 0:
             reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
-            raise SifError(f"cryptsetup could not encrypt {squashfs}: {reason}")
+            raise SystemSetupError(f"cryptsetup could not encrypt {squashfs}: {reason}")
         os.truncate(volume, size + LUKS_HEADER_SPACE)
     except BaseException:
         os.unlink(volume)
@@ -70,10 +71,10 @@ def build_encrypted_image(squashfs: str, out: str, *, passphrase=None, public_ke
     message = None
     if public_key_pem is not None:
         public_key = _load_public_key(public_key_pem)
-        key = keys.Secret(secrets.token_bytes(PEM_KEY_BYTES))
+        key = Secret(secrets.token_bytes(PEM_KEY_BYTES))
         message = keys.wrap_key(public_key, key.value)
     else:
-        key = passphrase if isinstance(passphrase, keys.Secret) else keys.Secret(passphrase)
+        key = passphrase if isinstance(passphrase, Secret) else Secret(passphrase)
     try:
         encrypt_squashfs(squashfs, volume, key, pbkdf_args)
         sif.write_sif(out, sif.apptainer_layout(volume, deffile=deffile, crypto_message=message))
@@ -91,7 +92,7 @@ def _load_public_key(pem: bytes):
     try:
         key = serialization.load_pem_public_key(pem)  # PKCS#1 "RSA PUBLIC KEY" and SPKI "PUBLIC KEY"
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"not a usable PEM public key: {exc}") from None
+        raise UsageError(f"not a usable PEM public key: {exc}") from exc
     if not isinstance(key, rsa.RSAPublicKey):
         raise UsageError("the public key must be an RSA key, as Apptainer requires")
     return key

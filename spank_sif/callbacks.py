@@ -19,18 +19,17 @@ non-zero task exit; bugs are logged with their traceback in slurmd's log, never 
 import os
 import sys
 
-from spank_sif import options, spank
+from spank_sif import log, options, spank
 from spank_sif.errors import ConfigError, SifError
-
-# The node engine: imported by import_node_modules() in the first callback of a step on a node
-# (as root; later callbacks run as the user or in forked tasks, where importing is slower or not
-# allowed), not at all on the submit side, where srun would pay ~0.1 s for nothing.
-site_config = lifecycle = userfiles = None
 
 
 def import_node_modules() -> None:
-    global site_config, lifecycle, userfiles
-    from spank_sif import config as site_config, lifecycle, userfiles  # noqa: F811
+    """Import the node engine now: in the first callback of a step on a node, as root. Later
+    callbacks run as the user or in forked tasks, where importing is slower or not allowed (they
+    find the modules in sys.modules); the submit side (srun, sbatch) never needs them."""
+    import spank_sif.config
+    import spank_sif.lifecycle
+    import spank_sif.userfiles  # noqa: F401
 
 ENV_IMAGE_ROOT = "SIF_IMAGE_ROOT"
 PLUGSTACK_KEYS = ("config", "python", "state_dir")
@@ -42,8 +41,8 @@ class Step:
     """What this process knows about its step between callbacks (one step per slurmstepd)."""
 
     def __init__(self):
-        self.config = None
-        self.unlocked = None
+        self.config = None      # the site configuration, once loaded
+        self.unlocked = None    # the step's lifecycle.Unlocked image
         self.error = None       # one-line message kept for the user
         self.reported = False
 
@@ -92,8 +91,11 @@ def plugstack_args(args: list) -> dict:
 
 
 def load_site_config(args: list):
-    """The site configuration named by ``config=`` (default /etc/slurm/spank_sif.yaml)."""
-    config = site_config.load_config(plugstack_args(args).get("config"))
+    """The site configuration named by ``config=`` (default /etc/slurm/spank_sif.yaml). From here
+    on, what the node engine does goes to slurmd's log at the site's ``log_level``."""
+    from spank_sif.config import load_config
+    config = load_config(plugstack_args(args).get("config"))
+    log.configure(spank.log, config.log_level)
     if os.path.normpath(config.state_dir) != os.path.normpath(spank.state_dir()):
         raise ConfigError(f"{config.source}: 'state_dir' is {config.state_dir} but the plugin "
                           f"checks {spank.state_dir()} in the epilog; put state_dir="
@@ -102,7 +104,7 @@ def load_site_config(args: list):
 
 
 def _internal_error(where: str) -> str:
-    import traceback  # only for bugs: importing it costs every job step 12 ms
+    import traceback  # only for bugs: every job step would pay for importing it
     for line in traceback.format_exc().splitlines():
         spank.log("error", f"{where}: {line}")
     return INTERNAL_ERROR
@@ -125,7 +127,8 @@ def submit_init_post_opt(sp, args) -> None:
 # ------------------------------------------------------------------ node side (slurmstepd, root)
 
 def _step_user(sp):
-    return userfiles.User.from_uid(spank.uid(sp), spank.gid(sp))
+    from spank_sif.userfiles import User
+    return User.from_uid(spank.uid(sp), spank.gid(sp))
 
 
 def take_key_variables(sp, config, strip: bool) -> dict:
@@ -158,6 +161,7 @@ def node_init_post_opt(sp, args) -> None:
             return
         env = take_key_variables(sp, step.config, strips_keys(sp, step.config))
         try:
+            from spank_sif import lifecycle
             step.unlocked = lifecycle.unlock(image, _step_user(sp), env, step_label(sp),
                                              step.config, cwd=_job_cwd(sp))
         finally:
@@ -204,26 +208,31 @@ def node_user_init(sp, args) -> None:
 def node_task_init_privileged(sp, args) -> None:
     if step.error:
         raise _AlreadyReported()
-    if step.unlocked is None:
+    unlocked, config = step.unlocked, step.config
+    if unlocked is None or config is None:
         return
-    target = step.config.mount_point
+    from spank_sif import lifecycle
+    target = config.mount_point
     try:
-        lifecycle.mount(step.unlocked, target, private=True)
+        lifecycle.mount(unlocked, target, private=True)
     except SifError as err:
         if spank.task_id(sp) == 0:  # one line per node, not one per task
             spank.tell_user(str(err))
-        raise _AlreadyReported() from None
+        raise _AlreadyReported() from err
     spank.setenv(sp, ENV_IMAGE_ROOT, target)
 
 
 def node_exit(sp, args) -> None:
-    if step.unlocked is not None:
-        unlocked, step.unlocked = step.unlocked, None
-        lifecycle.release(unlocked, step.config)
+    unlocked, config = step.unlocked, step.config
+    if unlocked is not None and config is not None:
+        from spank_sif import lifecycle
+        step.unlocked = None
+        lifecycle.release(unlocked, config)
 
 
 def job_epilog(sp, args) -> None:
     import_node_modules()
+    from spank_sif import lifecycle
     lifecycle.sweep_job(str(spank.job_id(sp)), load_site_config(args))
 
 

@@ -10,21 +10,11 @@ import os
 from typing import NamedTuple
 
 from spank_sif.errors import ConfigError
+from spank_sif.keys import DEFAULT_KEY_VARIABLES, KINDS as KEY_VARIABLE_KINDS, kind_of
+from spank_sif.log import LEVELS as LOG_LEVELS
 
 DEFAULT_PATH = "/etc/slurm/spank_sif.yaml"
-
-# Apptainer's names first (its precedence: PEM path, PEM data, passphrase), then the
-# SingularityCE / Singularity 3.x twins, which Apptainer itself ignores but sites still use.
-DEFAULT_KEY_VARIABLES = (
-    "APPTAINER_ENCRYPTION_PEM_PATH",
-    "APPTAINER_ENCRYPTION_PEM_DATA",
-    "APPTAINER_ENCRYPTION_PASSPHRASE",
-    "SINGULARITY_ENCRYPTION_PEM_PATH",
-    "SINGULARITY_ENCRYPTION_PEM_DATA",
-    "SINGULARITY_ENCRYPTION_PASSPHRASE",
-)
-KEY_VARIABLE_KINDS = ("_PEM_PATH", "_PEM_DATA", "_PASSPHRASE")
-LOG_LEVELS = ("error", "info", "verbose", "debug")
+CONFIG_VARIABLE = "SPANK_SIF_CONFIG"  # the CLI's way to name another file
 
 
 class SiteConfig(NamedTuple):
@@ -89,7 +79,7 @@ def _key_variables(value, key, where):
         raise ConfigError(f"{where}: '{key}' must name at least one variable")
     for name in names:
         _expect(name, str, key, where, "a list of strings")
-        if not name.replace("_", "").isalnum() or not name.endswith(KEY_VARIABLE_KINDS):
+        if not name.replace("_", "").isalnum() or kind_of(name) is None:
             raise ConfigError(f"{where}: '{key}' entry {name!r} must be a variable name ending in "
                               f"{', '.join(KEY_VARIABLE_KINDS)} (that is how its kind is known)")
     return tuple(names)
@@ -131,13 +121,13 @@ _CHECKS = {
 
 def parse_config(text: str, where: str = "<config>") -> SiteConfig:
     """Validate YAML text; ``where`` names it in messages."""
-    import yaml  # here, not at the top: most commands and nodes have no file to parse (30 ms saved)
+    import yaml  # here, not at the top: most commands and nodes have no file to parse
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from exc
     if raw is None:
         return SiteConfig(source=where)
     if not isinstance(raw, dict):
@@ -152,19 +142,11 @@ def load_config(path: str | None = None) -> SiteConfig:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read(1 << 20)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         if explicit:
-            raise ConfigError(f"{path}: site configuration file not found") from None
+            raise ConfigError(f"{path}: site configuration file not found") from exc
         return SiteConfig()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the site configuration: "
-                          f"{getattr(exc, 'strerror', None) or exc}") from None
+                          f"{getattr(exc, 'strerror', None) or exc}") from exc
     return parse_config(text, path)
-
-
-def key_kind(variable: str) -> str:
-    """'pem_path', 'pem_data' or 'passphrase', from the variable's suffix."""
-    for suffix in KEY_VARIABLE_KINDS:
-        if variable.endswith(suffix):
-            return suffix[1:].lower()
-    raise ValueError(variable)

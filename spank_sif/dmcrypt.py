@@ -4,9 +4,10 @@ libcryptsetup is called in-process through cffi (ABI mode: no compiler needed on
 the key goes from a wiped buffer straight into the library and its errors are precise. Only when
 the library is missing do we run the root-owned ``cryptsetup`` binary, with the key on stdin.
 
-Before any key derivation runs, each keyslot's KDF memory is checked against the site cap, and
-only keyslots under the cap are ever tried. Memory-hard KDFs run under a node-wide semaphore
-(``kdf_max_parallel`` flock'ed slot files in the state directory) so that many steps starting at
+Before any key derivation runs, the keyslots to try are decided by ``luks2.affordable_keyslots``
+(the site's KDF cap, cryptsetup's order), the same decision verify-key makes. Memory-hard KDFs
+run under a node-wide semaphore (``kdf_max_parallel`` flock'ed slot files in the state directory)
+so that many steps starting at
 once cannot exhaust the node's memory.
 """
 import errno
@@ -15,18 +16,14 @@ import os
 import subprocess
 import time
 from contextlib import contextmanager
-from typing import NamedTuple
-
-from spank_sif import luks2
-from spank_sif.errors import (PolicyError, SifError, SystemSetupError, UnsupportedImageError,
-                              WrongKeyError)
+from spank_sif import log, luks2
+from spank_sif.errors import SifError, SystemSetupError, UnsupportedImageError
 
 LIBRARY = "libcryptsetup.so.12"
 BINARIES = ("/usr/sbin/cryptsetup", "/sbin/cryptsetup")
 MODPROBE = ("/usr/sbin/modprobe", "/sbin/modprobe")
 DM_CONTROL = "/dev/mapper/control"
 
-CRYPT_ANY_SLOT = -1
 CRYPT_ACTIVATE_READONLY = 1 << 0
 CRYPT_DEACTIVATE_DEFERRED = 1 << 0
 CRYPT_LOG_ERROR = 1
@@ -109,7 +106,7 @@ def device_path(name: str) -> str:
 
 def active_names(prefix: str = "") -> list[str]:
     """Names of the device-mapper devices the kernel has, per sysfs."""
-    names = []
+    names: list[str] = []
     try:
         entries = os.listdir("/sys/block")
     except OSError:
@@ -130,14 +127,6 @@ def is_active(name: str) -> bool:
     return name in active_names(name)
 
 
-def holders(device: str) -> list[str]:
-    """Block devices built on ``device`` (``/dev/loopN`` -> ``['dm-3']``)."""
-    try:
-        return os.listdir(f"/sys/class/block/{os.path.basename(device)}/holders")
-    except OSError:
-        return []
-
-
 def _wait_for_node(name: str) -> str:
     path = device_path(name)
     delay, waited = 0.005, 0.0
@@ -152,37 +141,6 @@ def _wait_for_node(name: str) -> str:
 
 
 # ---------------------------------------------------------------- KDF cost and concurrency
-
-
-class Slot(NamedTuple):
-    id: int
-    kdf_type: str
-    memory_kib: int
-
-    @property
-    def memory_hard(self) -> bool:
-        return self.kdf_type.startswith("argon2")
-
-
-def _slots(volume) -> list[Slot]:
-    """The keyslots a key is tried against, in cryptsetup's order (``luks2.keyslot_order``: bound
-    to the data segment, "prefer" first, "ignore" never), so that the plugin accepts exactly the
-    keys ``verify-key`` accepts: naming a keyslot to libcryptsetup would bypass its priorities."""
-    return [Slot(k.id, k.kdf.type, k.kdf.memory_kib) for k in luks2.keyslot_order(volume)]
-
-
-def usable_slots(volume, cap_kib: int) -> list[Slot]:
-    """Keyslots whose KDF fits under the cap; PolicyError before any KDF if none does."""
-    slots = _slots(volume)
-    if not slots:
-        raise UnsupportedImageError("the image's LUKS2 volume has no usable keyslot: it cannot be opened")
-    usable = [s for s in slots if s.memory_kib <= cap_kib]
-    if not usable:
-        least = min(s.memory_kib for s in slots)
-        raise PolicyError(f"the image's key derivation needs {least // 1024} MiB of memory, above this "
-                          f"site's limit of {cap_kib // 1024} MiB (kdf_max_memory_kib): rebuild the image "
-                          "with a smaller --pbkdf-memory or ask your admin")
-    return usable
 
 
 class KdfSemaphore:
@@ -259,17 +217,20 @@ def activate(device: str, name: str, passphrase, volume, cap: int,
     """Map the LUKS2 volume on ``device`` read-only as ``name``; return ``/dev/mapper/<name>``.
 
     ``passphrase`` is a bytes-like object (a Secret's bytearray: the library reads it in place).
-    Raises WrongKeyError if no keyslot under the cap accepts it.
+    Only the keyslots ``luks2.affordable_keyslots`` allows are tried, each named to libcryptsetup
+    (so it cannot pick another), memory-hard ones under ``semaphore``; the error when none opens is
+    ``luks2.no_keyslot_opened``'s.
     """
-    slots = usable_slots(volume, cap)
     try_slot = _library_slot if _using_library() else _binary_slot
-    for slot in slots:
-        guard = semaphore.held() if semaphore and slot.memory_hard else _nothing()
+    for slot in luks2.affordable_keyslots(volume, cap):
+        guard = semaphore.held() if semaphore and slot.kdf.type.startswith("argon2") else _nothing()
         with guard:
-            if try_slot(device, name, slot.id, passphrase):
-                return _wait_for_node(name)
-    raise WrongKeyError("no keyslot of the image accepts this key: check the passphrase or PEM key "
-                        "(is it the key this image was built with?)")
+            opened = try_slot(device, name, slot.id, passphrase)
+        if opened:
+            log.verbose(f"mapping {name} on {device}: keyslot {slot.id} ({slot.kdf.describe()})")
+            return _wait_for_node(name)
+        log.debug(f"keyslot {slot.id} of {device} did not accept the key")
+    raise luks2.no_keyslot_opened(volume, cap)
 
 
 def _library_slot(device: str, name: str, keyslot: int, passphrase) -> bool:
@@ -339,19 +300,14 @@ _EXIT_WRONG_KEY, _EXIT_NO_MEMORY = 2, 3
 def _binary_slot(device: str, name: str, keyslot: int, passphrase) -> bool:
     proc = subprocess.Popen([_binary(), "open", "--type", "luks2", "--readonly", "--batch-mode",
                              "--key-slot", str(keyslot), "--key-file", "-", device, name],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
-    try:
-        proc.stdin.write(passphrase)  # the caller's buffer itself: no copy of the key to forget
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    stderr = proc.stderr.read()
-    proc.wait()
+    # communicate() writes from the caller's buffer itself (a memoryview): no copy of the key.
+    _, stderr = proc.communicate(passphrase)
     if proc.returncode == 0:
         return True
-    detail = stderr.decode(errors="replace").strip().splitlines()
-    detail = detail[-1] if detail else f"cryptsetup exited with {proc.returncode}"
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    detail = lines[-1] if lines else f"cryptsetup exited with {proc.returncode}"
     if proc.returncode == _EXIT_WRONG_KEY:
         return False
     if proc.returncode == _EXIT_NO_MEMORY:

@@ -1,71 +1,43 @@
 """The user's key: where it comes from, how a PEM key unwraps the image's LUKS passphrase, Secret.
 
-Apptainer's two modes (notes/sif-format.md section 7):
+Apptainer's two modes (docs/formats.md, "Keys"):
 - passphrase: the LUKS passphrase is the variable's bytes, exactly (no newline stripped);
 - PEM: the image holds a crypto message (PEM ``MESSAGE`` around a DER OCTET STRING) with 64 random
   bytes RSA-OAEP-wrapped (SHA-256, MGF1-SHA-256, empty label) to the user's public key, in k-byte
   chunks (Apptainer >= 1.2); the 64 unwrapped bytes are the LUKS passphrase.
 
-Errors name the variable (and a key file's path), never the secret. Secrets are kept in bytearrays
-that are zeroed after use. Python cannot zero the immutable copies that libraries make on the way
-(``os.environ`` strings, the PEM text returned by a file read, OpenSSL's key object), so this is
-damage limitation, not a guarantee; nothing here ever writes a secret anywhere.
+This module owns the key variables: their names, precedence and kinds (the site configuration
+only chooses among them). Errors name the variable (and a key file's path), never the secret.
+Secrets are kept in ``Secret`` buffers that are zeroed after use; nothing here ever writes a secret
+anywhere.
 """
 import base64
 import binascii
-from typing import Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
-from spank_sif.config import DEFAULT_KEY_VARIABLES  # noqa: F401  (re-exported: the precedence list)
 from spank_sif.errors import ImageError, KeyMaterialError, WrongKeyError
+from spank_sif.secret import Secret
 
+# Apptainer's names first (its precedence: PEM path, PEM data, passphrase), then the
+# SingularityCE / Singularity 3.x twins, which Apptainer itself ignores but sites still use.
+DEFAULT_KEY_VARIABLES = (
+    "APPTAINER_ENCRYPTION_PEM_PATH",
+    "APPTAINER_ENCRYPTION_PEM_DATA",
+    "APPTAINER_ENCRYPTION_PASSPHRASE",
+    "SINGULARITY_ENCRYPTION_PEM_PATH",
+    "SINGULARITY_ENCRYPTION_PEM_DATA",
+    "SINGULARITY_ENCRYPTION_PASSPHRASE",
+)
+# A variable's kind is its name's suffix: that is how a site-chosen name is understood.
 KINDS = {"_PEM_PATH": "pem_path", "_PEM_DATA": "pem_data", "_PASSPHRASE": "passphrase"}
 MAX_PEM_FILE = 1 << 20  # a 16384-bit key is 12 KB; anything near this is not a key
+MAX_PASSPHRASE = 8 << 20  # cryptsetup's own limit for a key file
 MAX_MESSAGE = 64 << 10  # a crypto message for a 16384-bit key is about 3 KB
 OAEP_OVERHEAD = 66  # 2 * SHA-256 size + 2: the largest plaintext chunk is k - 66 bytes
 # RSA key sizes: under 1024 bits a modulus can be factored (and OAEP with SHA-256 needs 536);
 # OpenSSL refuses moduli over 16384 bits (OPENSSL_RSA_MAX_MODULUS_BITS). keygen makes 2048 to 16384.
 MIN_RSA_BITS, MAX_RSA_BITS = 1024, 16384
-
-
-class Secret:
-    """Owns secret bytes in a bytearray; ``wipe()`` (or leaving the ``with`` block) zeroes them."""
-
-    __slots__ = ("_buf", "_wiped")
-
-    def __init__(self, data=b""):
-        # Adopt a bytearray as is (no second copy to forget); copy anything else.
-        self._buf = data if isinstance(data, bytearray) else bytearray(data)
-        self._wiped = False
-
-    @property
-    def value(self) -> bytearray:
-        if self._wiped:
-            raise ValueError("secret already wiped")
-        return self._buf
-
-    def wipe(self) -> None:
-        self._buf[:] = bytes(len(self._buf))  # same-length slice assignment zeroes in place
-        self._wiped = True
-
-    def __len__(self):
-        return len(self._buf)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.wipe()
-
-    def __del__(self):
-        self.wipe()
-
-    def __repr__(self):
-        return f"<Secret {len(self._buf)} bytes{' wiped' if self._wiped else ''}>"
-
-    __str__ = __repr__
-
-    def __reduce__(self):  # never pickled into a file or another process by accident
-        raise TypeError("a Secret cannot be pickled")
 
 
 class KeySource(NamedTuple):
@@ -80,20 +52,34 @@ class KeySource(NamedTuple):
     def describe(self) -> str:
         return f"{self.variable}={self.path}" if self.kind == "pem_path" else self.variable
 
+    def material(self) -> Secret:
+        """The key itself (a passphrase or PEM text); a ``pem_path`` source has none."""
+        if self.secret is None:
+            raise KeyMaterialError(f"{self.describe()}: holds no key material")
+        return self.secret
 
-def kind_of(variable: str) -> str:
-    """The kind of key a variable holds, from its suffix (config.py enforces one of them)."""
-    for suffix, kind in KINDS.items():
-        if variable.endswith(suffix):
-            return kind
-    raise KeyMaterialError(f"{variable}: not a key variable (must end in {', '.join(KINDS)})")
+
+def kind_of(variable: str) -> str | None:
+    """The kind of key a variable holds, from its suffix; None if it is not a key variable."""
+    return next((kind for suffix, kind in KINDS.items() if variable.endswith(suffix)), None)
+
+
+def passphrase_from_file(data: bytes, path: str, option: str = "--passphrase-file") -> KeySource:
+    """The key source for a passphrase read from a file (every byte counts, as in Apptainer)."""
+    if len(data) > MAX_PASSPHRASE:
+        raise KeyMaterialError(f"{option} {path}: larger than {MAX_PASSPHRASE} bytes, not a passphrase")
+    if not data:
+        raise KeyMaterialError(f"{option} {path} is empty; an empty key cannot open an image")
+    return KeySource("passphrase", f"{option} {path}", secret=Secret(bytearray(data)))
 
 
 def find_key_source(env: Mapping[str, str], variables=DEFAULT_KEY_VARIABLES) -> KeySource | None:
     """The first variable of ``variables`` set to a non-empty value in ``env``, or None if none is set.
 
-    Empty variables are skipped, as Apptainer does; if the only key variables set are empty that
-    is an error (an empty key never opens an image, and it is likely a mistake in a job script)."""
+    Empty variables are skipped, a rule of spank-sif's own (Apptainer takes a set-but-empty
+    variable as given, and then fails): a job script that exports an empty twin of a variable set
+    further down the list still works. If the only key variables set are empty, that is an error
+    (an empty key never opens an image, and it is likely a mistake in a job script)."""
     empty = []
     for variable in variables:
         value = env.get(variable)
@@ -103,6 +89,8 @@ def find_key_source(env: Mapping[str, str], variables=DEFAULT_KEY_VARIABLES) -> 
             empty.append(variable)
             continue
         kind = kind_of(variable)
+        if kind is None:
+            raise KeyMaterialError(f"{variable}: not a key variable (must end in {', '.join(KINDS)})")
         if kind == "pem_path":
             return KeySource(kind, variable, path=value)
         # Environment strings come from bytes decoded with surrogateescape: encode back exactly.
@@ -123,9 +111,11 @@ def _pem_blocks(data: bytes):
     """(label, headers, der) of each PEM block in ``data``; der is None if the base64 is broken.
 
     Line by line, in linear time whatever the input (a regex over hostile text can go quadratic)."""
-    label = None
-    for line in data.splitlines():
-        line = line.strip()
+    label: bytes | None = None
+    headers: list[bytes] = []
+    body: list[bytes] = []
+    for raw in data.splitlines():
+        line = raw.strip()
         if label is None:
             if line.startswith(b"-----BEGIN ") and line.endswith(b"-----") and len(line) > 16:
                 label, headers, body = line[11:-5], [], []
@@ -162,12 +152,12 @@ def load_private_key(pem: bytes, origin: str):
         if der is None:
             raise KeyMaterialError(f"{origin}: the {label} block is not valid base64")
         try:
-            # OpenSSL's own check (RSA_check_key) proves p and q prime: 45 ms for a 2048-bit key,
-            # 300 ms for 4096, more than the rest of an unlock. check_rsa_key does what Apptainer's
+            # OpenSSL's own check (RSA_check_key) proves p and q prime, which costs more than the
+            # rest of an unlock (bench/bench_verify_key.py). check_rsa_key does what Apptainer's
             # Go runtime checks (rsa.PrivateKey.Validate), plus the CRT values OpenSSL computes with.
             key = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise KeyMaterialError(f"{origin}: the {label} block is not a valid private key") from None
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise KeyMaterialError(f"{origin}: the {label} block is not a valid private key") from exc
         if not isinstance(key, rsa.RSAPrivateKey):
             raise KeyMaterialError(f"{origin}: {type(key).__name__.replace('PrivateKey', '')} key; "
                                    "image encryption uses RSA keys")
@@ -196,7 +186,7 @@ def check_rsa_key(numbers) -> str:
         return f"{n.bit_length()}-bit modulus, must be {MIN_RSA_BITS} to {MAX_RSA_BITS} bits"
     if not (3 <= e < n and e & 1):
         return "invalid public exponent"
-    if not (3 <= p and 3 <= q and p & 1 and q & 1 and p * q == n):
+    if not (p >= 3 and q >= 3 and p & 1 and q & 1 and p * q == n):
         return "its factors do not multiply to its modulus"
     if not (1 < d < n and (e * d) % (p - 1) == 1 and (e * d) % (q - 1) == 1):
         return "its private exponent does not match its public exponent"
@@ -253,16 +243,16 @@ def unwrap_key(private_key, message: bytes) -> Secret:
         for pos in range(0, len(ciphertext), k):
             chunk = private_key.decrypt(ciphertext[pos:pos + k], oaep)
             out += chunk
-    except ValueError:
+    except ValueError as exc:
         Secret(out).wipe()
         raise WrongKeyError("the PEM key does not match this image (the key message does not decrypt)") \
-            from None
+            from exc
     if not out:
         raise ImageError("the image's key message holds an empty key")
     return Secret(out)
 
 
-def wrap_key(public_key, key: bytes) -> bytes:
+def wrap_key(public_key, key: bytes | bytearray) -> bytes:
     """A crypto message for ``key``, as Apptainer >= 1.2 writes it (chunks of k - 66 bytes)."""
     step = public_key.key_size // 8 - OAEP_OVERHEAD
     oaep = _oaep()
@@ -294,12 +284,12 @@ def generate_key_pair(bits: int) -> tuple[bytes, bytes]:
 def read_pem(source: KeySource, read_user_file: Callable[[str], bytes]):
     """The PEM text of a ``pem_data`` or ``pem_path`` source (bounded)."""
     if source.kind == "pem_data":
-        return source.secret.value  # no immutable copy of the key text
+        return source.material().value  # no immutable copy of the key text
     try:
         data = read_user_file(source.path)
     except OSError as exc:
         raise KeyMaterialError(f"{source.describe()}: cannot read the key file: "
-                               f"{exc.strerror or exc}") from None
+                               f"{exc.strerror or exc}") from exc
     if len(data) > MAX_PEM_FILE:
         raise KeyMaterialError(f"{source.describe()}: {len(data)} bytes is too big for a key file")
     return data
@@ -309,7 +299,7 @@ def luks_passphrase(image, fd: int, source: KeySource, read_user_file: Callable[
     """The LUKS passphrase for the primary partition of ``image`` (a ``sif.SifImage`` read from
     ``fd``) from the user's key. ``read_user_file(path) -> bytes`` reads a PEM file (as the user)."""
     if source.kind == "passphrase":
-        return Secret(bytearray(source.secret.value))
+        return Secret(bytearray(source.material().value))
     part = image.primary_partition()
     messages = [m for m in image.crypto_messages(part) if m.is_pem_rsa_oaep]
     if not messages:

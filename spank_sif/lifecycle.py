@@ -8,26 +8,27 @@ sweeps (job epilog, health checks) undo everything, in order: mounts, mapping, l
 Every object is recorded in the state directory *before* it is created and the record is removed
 once the object is gone, so a process killed at any point leaves records a sweep can act on.
 """
+import contextlib
 import os
 import signal
 import subprocess
 import time
 
-from spank_sif import dmcrypt, keys, loop, luks2, mounts, sif, userfiles
+from spank_sif import dmcrypt, keys, log, loop, luks2, mounts, sif, userfiles
 from spank_sif.config import SiteConfig
 from spank_sif.loop import LoopDevice
 from spank_sif.errors import KeyMaterialError, PolicyError, SifError, StateError, SystemSetupError
+from spank_sif.secret import Secret
 from spank_sif.state import Record, StateDir, check_label, job_id
 
 NAME_PREFIX = "spank-sif-"
-MAX_PEM_FILE = keys.MAX_PEM_FILE
 # Order of teardown: what uses an object goes before the object.
 TEARDOWN_ORDER = ("mount", "mapping", "loop", "session")
 
 
 class Unlocked:
     """An unlocked image, ready to mount: ``device`` is /dev/mapper/<session> or the loop device.
-    (A plain class, not a dataclass: importing dataclasses costs every job step 10 ms.)"""
+    (A plain class, not a dataclass: every job step would pay for importing dataclasses.)"""
 
     __slots__ = ("session", "job", "image", "device", "encrypted", "config", "loop")
 
@@ -57,7 +58,7 @@ def _checkpoint(step: str) -> None:
 
 
 def session_name(job: str) -> str:
-    # os.urandom, not the secrets module: importing that costs every job step 5 ms.
+    # os.urandom, not the secrets module: every job step would pay for importing it.
     return f"{NAME_PREFIX}{check_label(job, 'job label')}-{os.urandom(4).hex()}"
 
 
@@ -85,7 +86,7 @@ def _policy(part, image_path: str, config: SiteConfig) -> bool:
     return encrypted
 
 
-def _key(image, fd: int, env, user, config: SiteConfig, cwd, source) -> keys.Secret:
+def _key(image, fd: int, env, user, config: SiteConfig, cwd, source) -> Secret:
     if source is None:
         source = keys.find_key_source(env, list(config.key_variables))
     if source is None:
@@ -95,7 +96,7 @@ def _key(image, fd: int, env, user, config: SiteConfig, cwd, source) -> keys.Sec
                                "environment")
 
     def read_user_file(path: str) -> bytes:
-        return userfiles.read_as_user(path, user, MAX_PEM_FILE, what="PEM key file",
+        return userfiles.read_as_user(path, user, keys.MAX_PEM_FILE, what="PEM key file",
                                       error=KeyMaterialError, cwd=cwd)
 
     try:
@@ -123,10 +124,12 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
         image = sif.read_sif(fd, name=image_path)
         part = image.primary_partition()
         encrypted = _policy(part, image_path, config)
+        log.verbose(f"{job}: image {image_path} ({real}) opened as {user.name}: partition {part.id}, "
+                    f"{'encrypted' if encrypted else 'not encrypted'}, {part.size} bytes")
         volume = None
         if encrypted:
             volume = luks2.read_luks2(fd, part.offset, part.size)
-            dmcrypt.usable_slots(volume, config.kdf_max_memory_kib)  # refuse before any KDF or key work
+            luks2.affordable_keyslots(volume, config.kdf_max_memory_kib)  # refuse before any key work
             dmcrypt.check_kernel()
         st = os.fstat(fd)
         unlocked = Unlocked(session, job, real, "", encrypted, config)
@@ -138,38 +141,37 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
         # autoclear frees the device when our fd closes with us (nothing else holds it yet).
         loop_rec = state.record("loop", job, session, {
             "backing_dev": st.st_dev, "backing_ino": st.st_ino, "offset": part.offset, "device": None})
-        unlocked.loop = loop.attach(fd, part.offset, part.size, real)
-        state.update(loop_rec, device=unlocked.loop.path)
+        unlocked.loop = device = loop.attach(fd, part.offset, part.size, real)
+        state.update(loop_rec, device=device.path)
+        log.verbose(f"{job}: loop device {device.path} over {real} at offset {part.offset}")
         _checkpoint("loop")
         if encrypted:
-            unlocked.device = _activate(unlocked, image, fd, volume, env, user, cwd, source)
+            unlocked.device = _activate(unlocked, device.path, image, fd, volume, env, user, cwd, source)
             # dm-crypt holds the loop device now; dropping our fd arms autoclear for when it goes.
-            unlocked.loop.close()
+            device.close()
         else:
-            unlocked.device = unlocked.loop.path
+            unlocked.device = device.path
         state.update(head, status="unlocked", device=unlocked.device)
         _checkpoint("unlocked")
         return unlocked
     except BaseException:
         if unlocked is not None:
-            try:
+            # The original error is the one to report; the records left let a sweep finish.
+            with contextlib.suppress(SifError):
                 _teardown(state, job, session, unlocked)
-            except SifError:
-                pass  # the original error is the one to report; the records left let a sweep finish
         raise
     finally:
         os.close(fd)
 
 
-def _activate(unlocked: Unlocked, image, fd: int, volume, env, user, cwd, source) -> str:
+def _activate(unlocked: Unlocked, loop_path: str, image, fd: int, volume, env, user, cwd, source) -> str:
     config = unlocked.config
     state = _state(config)
     with _key(image, fd, env, user, config, cwd, source) as secret:
         _checkpoint("key")
-        state.record("mapping", unlocked.job, unlocked.session,
-                     {"name": unlocked.session, "loop": unlocked.loop.path})
+        state.record("mapping", unlocked.job, unlocked.session, {"name": unlocked.session, "loop": loop_path})
         semaphore = dmcrypt.KdfSemaphore(config.state_dir, config.kdf_max_parallel)
-        path = dmcrypt.activate(unlocked.loop.path, unlocked.session, secret.value, volume,
+        path = dmcrypt.activate(loop_path, unlocked.session, secret.value, volume,
                                 config.kdf_max_memory_kib, semaphore)
     _checkpoint("mapping")
     return path
@@ -199,6 +201,7 @@ def mount(unlocked: Unlocked, target: str, private: bool = True, create: bool | 
     except BaseException:
         state.remove("mount", unlocked.job, unlocked.session, key)
         raise
+    log.debug(f"{unlocked.job}: {unlocked.device} mounted at {target} (pid {key})")
     _checkpoint("mounted")
 
 
@@ -222,6 +225,13 @@ def _teardown_record(state: StateDir, rec: Record) -> None:
     rec.path.unlink(missing_ok=True)
 
 
+def _what(rec: Record) -> str:
+    """What a record names, for people: the session's name, a mount's target, a loop device."""
+    if rec.kind in ("session", "mapping"):
+        return rec.session
+    return rec.data.get("target") or rec.data.get("device") or "?"
+
+
 def _teardown(state: StateDir, job: str, session: str, unlocked: Unlocked | None = None) -> list[str]:
     """Undo everything recorded for ``session``, in order; returns what was undone. Errors are
     collected so that one stuck object does not keep the others alive, then the first is raised."""
@@ -233,8 +243,10 @@ def _teardown(state: StateDir, job: str, session: str, unlocked: Unlocked | None
             unlocked.loop.close()  # our own hold goes first, then autoclear does the rest
         try:
             _teardown_record(state, rec)
-            done.append(f"{rec.kind} {session if rec.kind in ('session', 'mapping') else rec.data.get('target') or rec.data.get('device')}")
+            done.append(f"{rec.kind} {_what(rec)}")
+            log.verbose(f"{job}: removed {rec.kind} {_what(rec)}")
         except SifError as err:
+            log.error(f"{job}: cannot remove {rec.kind} {_what(rec)}: {err}")
             first_error = first_error or err
     if unlocked is not None and unlocked.loop is not None:
         unlocked.loop.close()
@@ -302,7 +314,7 @@ def job_running_here(jid: str) -> bool:
         proc = subprocess.run(["scontrol", "listpids", jid], capture_output=True, text=True, timeout=30,
                               stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SystemSetupError(f"cannot ask Slurm which jobs run here (scontrol listpids): {exc}") from None
+        raise SystemSetupError(f"cannot ask Slurm which jobs run here (scontrol listpids): {exc}") from exc
     if proc.returncode == 0:
         return True
     # scontrol prints its table header, then finds no step of the job here and says so on stderr,

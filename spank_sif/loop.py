@@ -85,24 +85,24 @@ def _device_node(number: int) -> str:
     except FileExistsError:
         pass
     except (OSError, ValueError) as exc:
-        raise SystemSetupError(f"cannot create {path}: {exc}: ask your admin to check /dev") from None
+        raise SystemSetupError(f"cannot create {path}: {exc}: ask your admin to check /dev") from exc
     return path
 
 
 def _free_number() -> int:
     try:
         ctl = os.open(LOOP_CONTROL, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise SystemSetupError(f"no free loop device: {LOOP_CONTROL} is missing (this node's kernel "
-                               "lacks the loop driver: ask your admin to load it)") from None
+                               "lacks the loop driver: ask your admin to load it)") from exc
     except OSError as exc:
         raise SystemSetupError(f"no free loop device: cannot open {LOOP_CONTROL}: {exc.strerror} "
-                               "(does this node's kernel have the loop driver?)") from None
+                               "(does this node's kernel have the loop driver?)") from exc
     try:
         return fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
     except OSError as exc:
         raise SystemSetupError(f"no free loop device: the kernel refused one ({exc.strerror}): "
-                               "ask your admin to raise the number of loop devices") from None
+                               "ask your admin to raise the number of loop devices") from exc
     finally:
         os.close(ctl)
 
@@ -140,13 +140,13 @@ def attach(fd: int, offset: int, size: int, name: str = "") -> LoopDevice:
         except OSError as exc:
             os.close(loop_fd)
             if exc.errno not in (errno.EBUSY, errno.EAGAIN):
-                raise SystemSetupError(f"cannot set up loop device {path}: {exc.strerror}") from None
+                raise SystemSetupError(f"cannot set up loop device {path}: {exc.strerror}") from exc
             last = exc  # another process took this device first: ask for another one
             time.sleep(0.01 * attempt)
             continue
         return LoopDevice(path, number, loop_fd)
     raise SystemSetupError(f"no free loop device: every one offered was taken by others "
-                           f"({ATTACH_ATTEMPTS} attempts, last: {last.strerror}): try again later")
+                           f"({ATTACH_ATTEMPTS} attempts, last: {last.strerror if last else '?'}): try again later")
 
 
 def status(path: str) -> LoopStatus | None:

@@ -2,7 +2,7 @@
 
 No root, no device-mapper: everything is read with ``os.pread`` from an already-open fd, at the
 volume's offset inside that file (a SIF partition, or 0 for a bare volume). The on-disk format is
-cryptsetup's (docs/on-disk-format-luks2.pdf; notes/sif-format.md sections 6.4 and 9):
+cryptsetup's (its docs/on-disk-format-luks2.pdf; docs/formats.md, "LUKS2"):
 
 - two copies of a binary header (4096 bytes: magic, big-endian version 2, header size, sequence id,
   checksum algorithm, UUID, offset of the copy, checksum), each followed by its JSON area; the
@@ -23,8 +23,9 @@ import os
 import re
 from typing import NamedTuple
 
-from spank_sif.errors import ImageError, PolicyError, UnsupportedImageError, WrongKeyError
-from spank_sif.keys import Secret
+from spank_sif.errors import ImageError, PolicyError, SifError, UnsupportedImageError, WrongKeyError
+from spank_sif.fdio import read_exact
+from spank_sif.secret import Secret, buffer
 
 MAGIC_PRIMARY = b"LUKS\xba\xbe"
 MAGIC_SECONDARY = b"SKUL\xba\xbe"
@@ -118,18 +119,7 @@ class Luks2Volume(NamedTuple):
 
 
 def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
-    try:
-        data = os.pread(fd, length, offset)
-    except OSError as exc:
-        raise ImageError(f"cannot read the LUKS2 {what}: {exc.strerror}") from None
-    while 0 < len(data) < length:  # short reads are legal; keep going until EOF
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    if len(data) != length:
-        raise ImageError(f"LUKS2 {what} is truncated (file ends before byte {offset + length})")
-    return data
+    return read_exact(fd, length, offset, f"the LUKS2 {what}")
 
 
 def read_luks2(fd: int, offset: int = 0, size: int | None = None) -> Luks2Volume:
@@ -138,10 +128,11 @@ def read_luks2(fd: int, offset: int = 0, size: int | None = None) -> Luks2Volume
         try:
             size = os.fstat(fd).st_size - offset
         except OSError as exc:
-            raise ImageError(f"cannot stat the image: {exc.strerror}") from None
+            raise ImageError(f"cannot stat the image: {exc.strerror}") from exc
     if offset < 0 or size < 2 * HEADER_SIZES[0]:
         raise ImageError(f"LUKS2 volume of {size} bytes is too small to hold its two headers")
-    copies, problems = [], []
+    copies: list = []
+    problems: list[str] = []
     primary = _read_copy(fd, offset, size, 0, MAGIC_PRIMARY, problems)
     if primary:
         copies.append(("primary", primary))
@@ -393,30 +384,60 @@ def keyslot_order(volume: Luks2Volume) -> list:
     return sorted(usable, key=lambda k: (-k.priority, k.id))
 
 
-def unlock(volume: Luks2Volume, fd: int, passphrase, max_kdf_memory_kib: int | None = None):
-    """Try ``passphrase`` (bytes-like or Secret) on the keyslots -> (keyslot id, volume key Secret).
+# The one place that decides which keyslots may run, and what to say when none opened: verify-key
+# (userspace) and the node engine (dm-crypt) must accept exactly the same keys.
 
-    Keyslots whose KDF needs more memory than ``max_kdf_memory_kib`` are never run. Raises
-    ``WrongKeyError`` when no keyslot accepts the key, ``PolicyError`` when it might be that the only
-    keyslots that could have accepted it are above the cap."""
+WRONG_KEY = ("no keyslot of the image accepts this key: check the passphrase or PEM key (is it the "
+             "key this image was built with?)")
+
+
+def _over_cap(keyslot: Keyslot, max_memory_kib: int | None) -> bool:
+    return max_memory_kib is not None and keyslot.kdf.memory_kib > max_memory_kib
+
+
+def affordable_keyslots(volume: Luks2Volume, max_memory_kib: int | None) -> list:
+    """The keyslots to try, in cryptsetup's order, whose KDF fits the site's cap (KiB of memory;
+    None: no cap, for tools that study volumes).
+
+    Decided before any KDF runs: raises PolicyError if no keyslot fits, UnsupportedImageError if
+    the volume has no usable keyslot at all."""
     candidates = keyslot_order(volume)
     if not candidates:
-        raise UnsupportedImageError("LUKS2 volume has no usable keyslot (all removed or ignored)")
-    allowed = [k for k in candidates
-               if max_kdf_memory_kib is None or k.kdf.memory_kib <= max_kdf_memory_kib]
-    over = [k for k in candidates if k not in allowed]
-    secret = passphrase.value if isinstance(passphrase, Secret) else passphrase
-    for keyslot in allowed:
+        raise UnsupportedImageError("the image's LUKS2 volume has no usable keyslot (all removed or "
+                                    "ignored): it cannot be opened")
+    if max_memory_kib is None:
+        return candidates
+    allowed = [k for k in candidates if not _over_cap(k, max_memory_kib)]
+    if not allowed:
+        raise _cost_error(min(candidates, key=lambda k: k.kdf.memory_kib), max_memory_kib, "")
+    return allowed
+
+
+def no_keyslot_opened(volume: Luks2Volume, max_memory_kib: int | None) -> SifError:
+    """The error once every affordable keyslot refused the key: a wrong key, unless a keyslot was
+    skipped for its cost (then the key might open that one, and the cap is the reason)."""
+    skipped = [k for k in keyslot_order(volume) if _over_cap(k, max_memory_kib)]
+    if skipped and max_memory_kib is not None:
+        return _cost_error(skipped[0], max_memory_kib, "no keyslot within the cap accepts this key; ")
+    return WrongKeyError(WRONG_KEY)
+
+
+def _cost_error(keyslot: Keyslot, max_memory_kib: int, prefix: str) -> PolicyError:
+    return PolicyError(f"{prefix}the image's key derivation (keyslot {keyslot.id}: {keyslot.kdf.describe()}) "
+                       f"needs {keyslot.kdf.memory_kib} KiB of memory, above this site's limit of "
+                       f"{max_memory_kib} KiB (kdf_max_memory_kib): rebuild the image with a smaller "
+                       "--pbkdf-memory or ask your admin")
+
+
+def unlock(volume: Luks2Volume, fd: int, passphrase, max_kdf_memory_kib: int | None = None):
+    """Try ``passphrase`` (bytes-like or Secret) on the affordable keyslots -> (keyslot id, volume
+    key Secret). Raises the errors of ``affordable_keyslots`` and ``no_keyslot_opened``."""
+    secret = buffer(passphrase)
+    for keyslot in affordable_keyslots(volume, max_kdf_memory_kib):
         volume_key = open_keyslot(volume, fd, keyslot, secret)
         if volume_key is not None:
             return keyslot.id, volume_key
-    if over:
-        k = over[0]
-        tried = "no keyslot within the cap accepts this key; " if allowed else ""
-        raise PolicyError(f"{tried}keyslot {k.id} needs {k.kdf.memory_kib} KiB of KDF memory "
-                          f"({k.kdf.describe()}), above the site cap of {max_kdf_memory_kib} KiB "
-                          "(kdf_max_memory_kib)")
-    raise WrongKeyError("no keyslot accepts this key")
+    raise no_keyslot_opened(volume, max_kdf_memory_kib)
 
 
 def open_keyslot(volume: Luks2Volume, fd: int, keyslot: Keyslot, passphrase) -> Secret | None:
@@ -454,9 +475,9 @@ def derive_key(keyslot: Keyslot, passphrase) -> bytes:
         return kdf_class(salt=keyslot.kdf_salt, length=keyslot.area_key_size, iterations=cost.time,
                          lanes=cost.threads, memory_cost=cost.memory_kib).derive(passphrase)
     except ValueError as exc:  # parameters the library refuses (read_luks2 should have caught them)
-        raise ImageError(f"LUKS2 keyslot {keyslot.id} has unusable KDF parameters: {exc}") from None
-    except MemoryError:
-        raise PolicyError(f"not enough memory for keyslot {keyslot.id}'s KDF ({cost.describe()})") from None
+        raise ImageError(f"LUKS2 keyslot {keyslot.id} has unusable KDF parameters: {exc}") from exc
+    except MemoryError as exc:
+        raise PolicyError(f"not enough memory for keyslot {keyslot.id}'s KDF ({cost.describe()})") from exc
 
 
 def af_merge(split: bytes, key_size: int, stripes: int, hash_name: str) -> bytearray:
@@ -482,8 +503,8 @@ def _xts_decrypt(key, data: bytes, sector_size: int, first_iv: int) -> bytes:
     """aes-xts-plain64 over ``data`` in sectors of ``sector_size``; IVs count 512-byte units.
 
     XTS done by hand over two ECB passes (IEEE 1619: P = D_K1(C ^ T) ^ T, T = E_K2(iv) * alpha^j)
-    because one cryptography XTS context per sector costs 40 us each: 20 ms for a keyslot area,
-    most of the budget verify-key has beyond the KDF."""
+    because a keyslot area is 500 sectors and one cryptography XTS context per sector would cost
+    more than the rest of verify-key beyond the KDF (bench/bench_verify_key.py measures it)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     half = len(key) // 2
     if len(key) not in XTS_KEY_SIZES:
@@ -515,7 +536,7 @@ def decrypt_sectors(volume: Luks2Volume, fd: int, volume_key, first: int, count:
     if first < 0 or count < 0 or first + count > seg.sectors:
         raise ImageError(f"sectors {first}..{first + count - 1} are outside the data segment "
                          f"({seg.sectors} sectors of {seg.sector_size} bytes)")
-    key = volume_key.value if isinstance(volume_key, Secret) else volume_key
+    key = buffer(volume_key)
     data = _pread(fd, count * seg.sector_size, volume.offset + seg.offset + first * seg.sector_size,
                   "data segment")
     return _xts_decrypt(key, data, seg.sector_size,

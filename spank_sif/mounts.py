@@ -6,7 +6,6 @@ host's: the host's later mounts still appear inside, but nothing mounted inside 
 import ctypes
 import errno
 import os
-import re
 import stat
 import time
 
@@ -51,7 +50,7 @@ def enter_private_namespace() -> None:
         _check(_libc.unshare(CLONE_NEWNS))
         _mount(None, "/", None, MS_REC | MS_SLAVE)
     except OSError as exc:
-        raise SystemSetupError(f"cannot create a private mount namespace: {exc.strerror}") from None
+        raise SystemSetupError(f"cannot create a private mount namespace: {exc.strerror}") from exc
 
 
 def prepare_mount_point(path: str, create: bool) -> int:
@@ -67,10 +66,10 @@ def prepare_mount_point(path: str, create: bool) -> int:
         for part in [p for p in os.path.normpath(path).split("/") if p]:
             try:
                 nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
                 if not create:
                     raise SystemSetupError(f"mount point {path} does not exist: create the directory "
-                                           "first") from None
+                                           "first") from exc
                 try:
                     os.mkdir(part, 0o755, dir_fd=fd)
                     _fix_mode(part, fd)  # whatever the umask: the job's user must reach the image
@@ -79,7 +78,7 @@ def prepare_mount_point(path: str, create: bool) -> int:
                 nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as exc:
                 raise SystemSetupError(f"mount point {path}: {_why_not_directory(part, fd, exc)}; "
-                                       "refusing to mount there") from None
+                                       "refusing to mount there") from exc
             os.close(fd)
             fd = nxt
         return fd
@@ -115,24 +114,13 @@ def mount_squashfs(device: str, target: str, create: bool = False) -> None:
     except OSError as exc:
         if exc.errno == errno.ENODEV:
             raise SystemSetupError("this node's kernel lacks squashfs: ask your admin to load the "
-                                   "squashfs module") from None
+                                   "squashfs module") from exc
         if exc.errno == errno.EINVAL:
             raise SystemSetupError("the image's file system cannot be mounted (not squashfs, damaged, "
-                                   "or a compression this kernel lacks)") from None
-        raise SystemSetupError(f"cannot mount the image at {target}: {exc.strerror}") from None
+                                   "or a compression this kernel lacks)") from exc
+        raise SystemSetupError(f"cannot mount the image at {target}: {exc.strerror}") from exc
     finally:
         os.close(dirfd)
-
-
-def is_mounted(target: str) -> bool:
-    """Whether ``target`` is a mount point in the caller's namespace (per /proc/self/mountinfo)."""
-    want = os.path.normpath(target)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if mount_point == want:
-                return True
-    return False
 
 
 def unmount(target: str) -> bool:

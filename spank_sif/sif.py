@@ -9,16 +9,18 @@ never in a large allocation, a read past the end of the file or another exceptio
 The writer lays images out as sif v2.1+ (SingularityCE >= 3.9, Apptainer >= 1.0) does: launch
 script, descriptor table at 4096, data right after the table, partitions aligned to 4 KiB.
 
-Format facts and their upstream sources: shared/notes/sif-format.md, sections 1-5.
+Format facts and their upstream sources: docs/formats.md, "SIF".
 """
 import enum
 import os
 import stat
 import struct
 import time
+from itertools import pairwise
 from typing import NamedTuple
 
 from spank_sif.errors import ImageError, UnsupportedImageError
+from spank_sif.fdio import read_exact
 
 HEADER = struct.Struct("<32s10s3s3s16sqqqqqqqq")
 DESCRIPTOR = struct.Struct("<i?IIIqqqqqqq128s384s")
@@ -169,7 +171,7 @@ class Header(NamedTuple):
 
     @property
     def uuid(self) -> str:
-        h = self.id.hex()  # as uuid.UUID(bytes=...) prints it, without importing uuid (3 ms)
+        h = self.id.hex()  # as uuid.UUID(bytes=...) prints it, without importing uuid
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def to_dict(self) -> dict:
@@ -184,9 +186,9 @@ class Header(NamedTuple):
 
 class Descriptor(NamedTuple):
     """One used descriptor, field by field. ``group_id`` and ``linked_id`` are the stored values;
-    ``group``, ``link`` and ``link_is_group`` decode them. ``index`` is the slot in the table."""
+    ``group``, ``link`` and ``link_is_group`` decode them. ``table_index`` is the slot in the table."""
 
-    index: int
+    table_index: int
     data_type: int
     used: bool
     id: int
@@ -278,7 +280,7 @@ class Descriptor(NamedTuple):
 
     def to_dict(self) -> dict:
         d = {
-            "id": self.id, "index": self.index, "type": label(self.type), "type_code": self.data_type,
+            "id": self.id, "index": self.table_index, "type": label(self.type), "type_code": self.data_type,
             "group": self.group, "link": self.link, "link_is_group": self.link_is_group,
             "offset": self.offset, "size": self.size, "size_with_padding": self.size_with_padding,
             "created_at": self.created_at, "modified_at": self.modified_at, "uid": self.uid,
@@ -359,18 +361,7 @@ class SifImage(NamedTuple):
 
 
 def _pread(fd: int, length: int, offset: int, name: str, what: str) -> bytes:
-    chunks, done = [], 0
-    while done < length:
-        try:
-            chunk = os.pread(fd, min(length - done, 1 << 24), offset + done)
-        except OSError as err:
-            raise ImageError(f"{name}: cannot read {what}: {err.strerror}") from None
-        if not chunk:
-            raise ImageError(f"{name}: {what} [{offset}, {offset + length}) is cut short at byte "
-                             f"{offset + done}: the image is truncated or changed while being read")
-        chunks.append(chunk)
-        done += len(chunk)
-    return b"".join(chunks)
+    return read_exact(fd, length, offset, f"{what} of {name}")
 
 
 def _file_size(fd: int, name: str) -> int:
@@ -381,7 +372,7 @@ def _file_size(fd: int, name: str) -> int:
         if stat.S_ISBLK(st.st_mode):
             return os.lseek(fd, 0, os.SEEK_END)
     except OSError as err:
-        raise ImageError(f"{name}: cannot read the image: {err.strerror}") from None
+        raise ImageError(f"{name}: cannot read the image: {err.strerror}") from err
     kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
     raise ImageError(f"{name}: is {kind}, not a SIF image")
 
@@ -447,7 +438,7 @@ def _parse_descriptors(table: bytes, header: Header, size: int, name: str):
         fields = DESCRIPTOR.unpack_from(table, index * DESCRIPTOR.size)
         if not fields[1]:       # unused slot: its other fields mean nothing
             continue
-        d = Descriptor(index, *fields[:12], _text(fields[12]), fields[13])
+        d = Descriptor(index, *fields[:12], _text(fields[12]), fields[13])  # type: ignore[call-arg]
         where = f"{name}: descriptor {index + 1} (id {d.id})"
         if d.id == 0 or d.id & GROUP_MASK:
             raise ImageError(f"{where}: object ID {d.id} is not valid (1..{GROUP_MASK - 1}): "
@@ -473,12 +464,12 @@ def _check_layout(descriptors, header: Header, size: int, name: str) -> None:
     for d in objects:
         for what, start, end in reserved:
             if d.offset < end and start < d.end:
-                raise ImageError(f"{name}: descriptor {d.index + 1} (id {d.id}) data [{d.offset}, {d.end}) "
+                raise ImageError(f"{name}: descriptor {d.table_index + 1} (id {d.id}) data [{d.offset}, {d.end}) "
                                  f"overlaps {what} [{start}, {end}): the image is corrupt")
-    for a, b in zip(objects, objects[1:]):
+    for a, b in pairwise(objects):
         if b.offset < a.end:
-            raise ImageError(f"{name}: descriptor {a.index + 1} (id {a.id}) data [{a.offset}, {a.end}) "
-                             f"overlaps descriptor {b.index + 1} (id {b.id}) data [{b.offset}, {b.end}): "
+            raise ImageError(f"{name}: descriptor {a.table_index + 1} (id {a.id}) data [{a.offset}, {a.end}) "
+                             f"overlaps descriptor {b.table_index + 1} (id {b.id}) data [{b.offset}, {b.end}): "
                              "the image is corrupt")
 
 
@@ -488,7 +479,7 @@ def open_image(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as err:
-        raise ImageError(f"{path}: cannot open the image: {err.strerror}") from None
+        raise ImageError(f"{path}: cannot open the image: {err.strerror}") from err
 
 
 # ---------------------------------------------------------------------------------------------

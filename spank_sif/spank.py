@@ -21,20 +21,14 @@ class SpankCallError(SifError):
     exit_code = 1
 
 
-_plugin = None
-
-
 def _lib():
-    global _plugin
-    if _plugin is None:
-        from spank_sif import _plugin as compiled  # the .so itself when running inside Slurm
-        _plugin = compiled
-    return _plugin.lib
+    import spank_sif._plugin as compiled  # the .so itself when running inside Slurm
+    return compiled.lib
 
 
 def _ffi():
-    _lib()
-    return _plugin.ffi
+    import spank_sif._plugin as compiled
+    return compiled.ffi
 
 
 def _check(rc: int, what: str) -> None:
@@ -85,10 +79,6 @@ def step_id(sp) -> int:
     return _u32(sp, "S_JOB_STEPID")
 
 
-def node_id(sp) -> int:
-    return _u32(sp, "S_JOB_NODEID")
-
-
 def uid(sp) -> int:
     out = _ffi().new("uint32_t *")
     _check(_lib().shim_item_uid(sp, out), "spank_get_item(S_JOB_UID)")
@@ -106,12 +96,6 @@ def task_id(sp) -> int:
     out = _ffi().new("int *")
     _check(_lib().shim_item_int(sp, _lib().S_TASK_ID, out), "spank_get_item(S_TASK_ID)")
     return int(out[0])
-
-
-def slurm_version(sp) -> str:
-    out = _ffi().new("char **")
-    _check(_lib().shim_item_str(sp, _lib().S_SLURM_VERSION, out), "spank_get_item(S_SLURM_VERSION)")
-    return _ffi().string(out[0]).decode()
 
 
 # ------------------------------------------------------------------ job environment (remote only)

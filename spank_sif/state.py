@@ -54,7 +54,7 @@ class StateDir:
         except FileExistsError:
             pass
         except OSError as exc:
-            raise StateError(f"cannot create state directory {path}: {exc.strerror}") from None
+            raise StateError(f"cannot create state directory {path}: {exc.strerror}") from exc
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             raise StateError(f"state directory {path} is not a directory owned by uid {os.geteuid()}: "
@@ -87,7 +87,7 @@ class StateDir:
                 json.dump(full, f, sort_keys=True)
             os.replace(tmp, path)
         except OSError as exc:
-            raise StateError(f"cannot write state record {path}: {exc.strerror}") from None
+            raise StateError(f"cannot write state record {path}: {exc.strerror}") from exc
         return Record(kind, job, session, key, full, path)
 
     def update(self, rec: Record, **changes) -> Record:
@@ -105,8 +105,8 @@ class StateDir:
             return sorted(e.name for e in os.scandir(self.path) if e.is_dir(follow_symlinks=False))
         except FileNotFoundError:
             return []
-        except PermissionError:
-            raise StateError(f"cannot read the state directory {self.path}: run this as root") from None
+        except PermissionError as exc:
+            raise StateError(f"cannot read the state directory {self.path}: run this as root") from exc
 
     def records(self, job: str | None = None) -> list[Record]:
         """Every readable record (of one job id if given), oldest first."""

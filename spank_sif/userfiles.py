@@ -14,7 +14,7 @@ import socket
 import stat
 from typing import NamedTuple
 
-from spank_sif.errors import ImageError, SifError, UsageError
+from spank_sif.errors import ImageError, SifError, SystemSetupError, UsageError
 
 # How long the child may take to open a file (a hung NFS server must not hang a job forever).
 OPEN_TIMEOUT_S = 60
@@ -32,8 +32,8 @@ class User(NamedTuple):
     def from_uid(cls, uid: int, gid: int | None = None) -> "User":
         try:
             entry = pwd.getpwuid(uid)
-        except KeyError:
-            raise UsageError(f"no user with uid {uid} on this node") from None
+        except KeyError as exc:
+            raise UsageError(f"no user with uid {uid} on this node") from exc
         return cls._from_entry(entry, gid)
 
     @classmethod
@@ -42,8 +42,8 @@ class User(NamedTuple):
             return cls.from_uid(int(name))
         try:
             entry = pwd.getpwnam(name)
-        except KeyError:
-            raise UsageError(f"no user named {name!r} on this node") from None
+        except KeyError as exc:
+            raise UsageError(f"no user named {name!r} on this node") from exc
         return cls._from_entry(entry, None)
 
     @classmethod
@@ -116,10 +116,10 @@ def open_as_user(path: str, user: User, flags: int = os.O_RDONLY, *, what: str =
         parent.settimeout(OPEN_TIMEOUT_S)
         try:
             msg, fds = _receive(parent)
-        except TimeoutError:
+        except TimeoutError as exc:
             os.kill(pid, 9)
             raise error(f"opening {what} {path} as {user.name} took more than {OPEN_TIMEOUT_S} s: "
-                        "is its file system hanging?") from None
+                        "is its file system hanging?") from exc
         finally:
             os.waitpid(pid, 0)
     finally:
@@ -151,11 +151,11 @@ def _result(msg: bytes, fds: list, path: str, user: User, what: str, error) -> i
     if msg == b"R":
         raise error(f"{what} {path} is not a regular file")
     if msg.startswith(b"D"):
-        raise SifError(f"could not switch to user {user.name} to open {what} {path}: "
+        raise SystemSetupError(f"could not switch to user {user.name} to open {what} {path}: "
                        f"{os.strerror(int(msg[1:]))}")
     if msg.startswith(b"E"):
         raise error(_describe(int(msg[1:]), path, user, what))
-    raise SifError(f"could not open {what} {path} as {user.name}: the helper process failed")
+    raise SystemSetupError(f"could not open {what} {path} as {user.name}: the helper process failed")
 
 
 def _describe(err: int, path: str, user: User, what: str) -> str:

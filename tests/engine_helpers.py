@@ -8,8 +8,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from spank_sif import dmcrypt, mounts
-
 import reftools
 
 USER = "sifuser1"      # the job's user in engine tests (distinct from the plugin tests' users)
@@ -111,17 +109,30 @@ def in_child(fn, *args, env: dict | None = None):
 
 
 def loops_backed_by(image: Path) -> list[str]:
-    """Loop devices (per sysfs) whose backing file is ``image``."""
-    found = []
+    """Loop devices whose backing file is ``image``, as ``losetup`` reports them."""
+    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+                         capture_output=True, text=True, check=True)
     want = os.path.realpath(image)
-    for entry in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (entry / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing == want or backing.removesuffix(" (deleted)") == want:
-            found.append(f"/dev/{entry.name}")
+    found = []
+    for line in out.stdout.splitlines():
+        name, _, backing = line.strip().partition(" ")
+        if backing.strip().removesuffix(" (deleted)") == want:
+            found.append(name)
     return found
+
+
+def mappings(prefix: str = "spank-sif-") -> list[str]:
+    """Device-mapper devices named ``prefix...``, as ``dmsetup ls`` reports them (the system, not
+    the engine under test). Where the kernel has no device-mapper there can be none."""
+    out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True)
+    if out.returncode != 0:
+        return []
+    return sorted(line.split()[0] for line in out.stdout.splitlines() if line.startswith(prefix))
+
+
+def mounted(target: Path) -> bool:
+    """Whether this mount namespace has a mount at ``target``, as ``findmnt`` reports it."""
+    return subprocess.run(["findmnt", "--mountpoint", str(target)], capture_output=True).returncode == 0
 
 
 def leftovers(image: Path, state_dir: Path, target: Path | None = None, settle: float = 3.0) -> list[str]:
@@ -132,8 +143,8 @@ def leftovers(image: Path, state_dir: Path, target: Path | None = None, settle: 
     while loops_backed_by(image) and time.monotonic() < deadline:
         time.sleep(0.02)
     left = [f"loop {d}" for d in loops_backed_by(image)]
-    left += [f"mapping {n}" for n in dmcrypt.active_names("spank-sif-")]
-    if target is not None and mounts.is_mounted(str(target)):
+    left += [f"mapping {n}" for n in mappings()]
+    if target is not None and mounted(target):
         left.append(f"mount {target}")
     if state_dir.exists():
         left += [f"record {p.relative_to(state_dir)}" for p in state_dir.rglob("*.json")]

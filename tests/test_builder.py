@@ -129,5 +129,5 @@ def test_demo_runs_end_to_end(tmp_path):
     out = done.stdout.decode()
     assert done.returncode == 0, out + done.stderr.decode()
     assert "demo succeeded" in out and "(exit 2)" in out and out.count("(exit 0)") == 4
-    assert "no keyslot accepts this key" in done.stderr.decode()
+    assert "no keyslot of the image accepts this key" in done.stderr.decode()
     assert os.stat(tmp_path / "demo" / "demo.pem").st_mode & 0o777 == 0o600

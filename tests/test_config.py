@@ -108,10 +108,3 @@ def test_not_utf8_is_a_config_error(tmp_path):
 
 def test_every_setting_has_a_check():
     assert set(SiteConfig._fields) - {"source"} == set(config._CHECKS)
-
-
-@pytest.mark.parametrize("name,kind", [("APPTAINER_ENCRYPTION_PEM_PATH", "pem_path"),
-                                       ("SINGULARITY_ENCRYPTION_PEM_DATA", "pem_data"),
-                                       ("SITE_PASSPHRASE", "passphrase")])
-def test_key_kind_comes_from_the_suffix(name, kind):
-    assert config.key_kind(name) == kind

@@ -195,7 +195,7 @@ def test_kdf_above_the_cap_is_refused_before_any_kdf(site, tmp_path):
     proc = cli("open", image, site["target"], "--user", USER, "--config", config,
                env={"APPTAINER_ENCRYPTION_PASSPHRASE": "pass"})
     assert proc.returncode == 5, proc.stderr
-    assert "needs 32 MiB of memory, above this site's limit of 16 MiB" in proc.stderr
+    assert "needs 32768 KiB of memory, above this site's limit of 16384 KiB" in proc.stderr
     assert leftovers(image, site["state"], site["target"]) == []
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import reftools
 from spank_sif import keys, sif
+from spank_sif.secret import Secret
 from spank_sif.errors import ImageError, KeyMaterialError, SifError, WrongKeyError
 
 # ---------------------------------------------------------------------------------------------
@@ -20,7 +21,7 @@ from spank_sif.errors import ImageError, KeyMaterialError, SifError, WrongKeyErr
 
 def test_secret_wipes_the_bytes_it_owns():
     buf = bytearray(b"hunter2")
-    with keys.Secret(buf) as secret:
+    with Secret(buf) as secret:
         assert secret.value is buf and len(secret) == 7
     assert buf == bytes(7)
     with pytest.raises(ValueError):
@@ -28,7 +29,7 @@ def test_secret_wipes_the_bytes_it_owns():
 
 
 def test_secret_never_shows_its_value():
-    secret = keys.Secret(b"hunter2")
+    secret = Secret(b"hunter2")
     assert "hunter2" not in repr(secret) + str(secret) + f"{secret}"
     assert repr(secret) == "<Secret 7 bytes>"
     with pytest.raises(TypeError):
@@ -37,7 +38,7 @@ def test_secret_never_shows_its_value():
 
 def test_secret_copies_immutable_input():
     data = b"abc"
-    secret = keys.Secret(data)
+    secret = Secret(data)
     secret.wipe()
     assert data == b"abc"
 
@@ -451,3 +452,10 @@ def test_fuzz_damaged_key_numbers(rsa_key, changes):
         assert keys.unwrap_key(key, message).value == b"k" * 64
     except WrongKeyError as err:
         assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize("name,kind", [("APPTAINER_ENCRYPTION_PEM_PATH", "pem_path"),
+                                       ("SINGULARITY_ENCRYPTION_PEM_DATA", "pem_data"),
+                                       ("SITE_PASSPHRASE", "passphrase"), ("SITE_KEY", None)])
+def test_a_variables_kind_comes_from_its_suffix(name, kind):
+    assert keys.kind_of(name) == kind

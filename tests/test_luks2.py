@@ -12,7 +12,7 @@ import luks_cases
 import reftools
 from spank_sif import luks2
 from spank_sif.errors import ImageError, PolicyError, SifError, UnsupportedImageError, WrongKeyError
-from spank_sif.keys import Secret
+from spank_sif.secret import Secret
 
 KEY = b"correct horse battery staple"
 SIZE = 20 << 20
@@ -54,7 +54,7 @@ def test_volume_key_matches_cryptsetup(workdir, name):
         keyslot, volume_key = luks2.unlock(volume, fd, KEY)
         assert keyslot == 0
         assert bytes(volume_key.value) == reftools.volume_key(path, KEY)
-        with pytest.raises(WrongKeyError, match="no keyslot accepts this key"):
+        with pytest.raises(WrongKeyError, match="no keyslot of the image accepts this key"):
             luks2.unlock(volume, fd, KEY + b"\n")
     finally:
         os.close(fd)
@@ -167,7 +167,7 @@ def kdf_calls(monkeypatch):
 def test_kdf_cap_refuses_before_running_the_kdf(plain_volume, kdf_calls):
     fd, volume = _open(plain_volume)
     try:
-        with pytest.raises(PolicyError, match=r"keyslot 0 needs 32768 KiB .* cap of 16384 KiB"):
+        with pytest.raises(PolicyError, match=r"keyslot 0: .* needs 32768 KiB of memory, above this site's limit of 16384 KiB"):
             luks2.unlock(volume, fd, KEY, max_kdf_memory_kib=16384)
         assert kdf_calls == []
         assert luks2.unlock(volume, fd, KEY, max_kdf_memory_kib=32768)[0] == 0

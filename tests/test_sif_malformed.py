@@ -213,7 +213,7 @@ def test_unreadable_fd_is_an_image_error(tmp_path):
     (tmp_path / "w.sif").write_bytes(VALID)
     fd = os.open(tmp_path / "w.sif", os.O_WRONLY)
     try:
-        with pytest.raises(ImageError, match="cannot read the global header: Bad file descriptor"):
+        with pytest.raises(ImageError, match="cannot read the global header of image: Bad file descriptor"):
             sif.read_sif(fd)
     finally:
         os.close(fd)

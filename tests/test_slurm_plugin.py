@@ -282,3 +282,23 @@ def lifecycle_env(cluster, **extra):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# ------------------------------------------------------------------ the site's log level
+
+@pytest.mark.parametrize("level, logged", [("info", False), ("verbose", True)])
+def test_log_level_says_what_the_plugin_does_and_never_a_key(cluster, plain_images, level, logged):
+    """slurmd's log (the cluster logs at verbose) gets the engine's steps only from log_level:
+    verbose up; the key variable's value never appears whatever the level."""
+    cluster.write_site_config(site_yaml(cluster, f"log_level: {level}\n"))
+    log = cluster.root / "log" / "slurmd.log"
+    before = len(log.read_text(errors="replace"))
+    out = cluster.run(["srun", f"--sif-image={plain_images['plain']}", "true"],
+                      env={"APPTAINER_ENCRYPTION_PASSPHRASE": "log-secret-1234"})
+    assert out.returncode == 0, out.stderr
+    assert wait_no_leftovers(cluster) == []
+    new = log.read_text(errors="replace")[before:]
+    lines = [line for line in new.splitlines() if "sif-image:" in line]
+    steps = ("opened as sifuser", "loop device /dev/loop", "removed loop")
+    assert all(any(s in line for line in lines) for s in steps) == logged, lines
+    assert "log-secret-1234" not in new

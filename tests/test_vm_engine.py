@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import (OTHER, USER, cli, ensure_users, in_child, in_children, leftovers, world_dir,
-                            write_config)
-from spank_sif import dmcrypt, keys, lifecycle, mounts
+from engine_helpers import (OTHER, USER, cli, ensure_users, in_child, in_children, leftovers, mappings,
+                            mounted, world_dir, write_config)
+from spank_sif import keys, lifecycle
 from spank_sif.config import SiteConfig
 from spank_sif.userfiles import User
 
@@ -202,7 +202,7 @@ def test_other_users_see_neither_device_nor_private_mount(ref, site, wd):
         assert os.read(ready_r, 1) == b"1"
         inside = Path(f"/proc/{pid}/mountinfo").read_text()
         assert f" {target} " in inside  # mounted in the child's namespace...
-        assert not mounts.is_mounted(str(target))  # ...invisible outside it
+        assert not mounted(target)  # ...invisible outside it
         assert not (target / "hello.txt").exists()
         seen = _run_as(OTHER, "ls", "-A", target)
         assert seen.returncode == 0 and seen.stdout == ""
@@ -381,11 +381,11 @@ def test_release_with_a_busy_mapping_defers_removal(ref, site, tmp_path):
     try:
         lifecycle.release(unlocked, config)
         assert list(state.rglob("*.json")) == []
-        assert dmcrypt.is_active(unlocked.session)  # still held
+        assert mappings(unlocked.session) == [unlocked.session]  # still held
     finally:
         os.close(holder)
     deadline = time.monotonic() + 10
-    while dmcrypt.is_active(unlocked.session) and time.monotonic() < deadline:
+    while mappings(unlocked.session) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftovers(ref.fast_pass_4k, state) == []
 

@@ -101,7 +101,7 @@ KEY_ERRORS = [
     ("pem", lambda e: {"APPTAINER_ENCRYPTION_PEM_PATH": str(e["root_pem"])}, "",
      ["cannot read"]),
     ("slow_kdf", lambda e: {"APPTAINER_ENCRYPTION_PASSPHRASE": e["passphrase"]},
-     "kdf_max_memory_kib: 1024\n", ["MiB"]),
+     "kdf_max_memory_kib: 1024\n", ["kdf_max_memory_kib"]),
 ]
 
 

@@ -46,8 +46,8 @@ def _squashfs(directory: str) -> str:
         try:
             subprocess.run(["mksquashfs", tree, out, "-noappend", "-quiet", "-all-root"], check=True,
                            stdout=subprocess.DEVNULL)
-        except FileNotFoundError:
-            raise SystemSetupError("mksquashfs is not installed: install the squashfs-tools package") from None
+        except FileNotFoundError as exc:
+            raise SystemSetupError("mksquashfs is not installed: install the squashfs-tools package") from exc
     return out
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 
 from spank_sif import sif
+from spank_sif.cli.common import printable as _printable, table as _table
 
 COLUMNS = ("ID", "TYPE", "GROUP", "LINK", "OFFSET", "SIZE", "FS TYPE", "PARTITION", "ARCH", "CRYPTO", "NAME")
 
@@ -46,8 +47,8 @@ def render(image: sif.SifImage) -> str:
         ("image ID", h.uuid),
         ("created", sif.format_time(h.created_at) or "-"),
         ("modified", sif.format_time(h.modified_at) or "-"),
-        ("descriptors", f"{len(image.descriptors)} used, {h.descriptors_free} free of {h.descriptors_total}, "
-                        f"table at {h.descriptors_offset} ({h.descriptors_size} bytes)"),
+        ("descriptors", (f"{len(image.descriptors)} used, {h.descriptors_free} free of {h.descriptors_total}, "
+                         f"table at {h.descriptors_offset} ({h.descriptors_size} bytes)")),
         ("data", f"at {h.data_offset} ({h.data_size} bytes)"),
         ("primary partition", _primary(image)),
     ]
@@ -79,13 +80,3 @@ def _row(d: sif.Descriptor) -> tuple:
 
 def _opt(value) -> str:
     return "-" if value is None else sif.label(value)
-
-
-def _table(rows) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-
-def _printable(text: str) -> str:
-    # Names come from the image: never let them drive the terminal.
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

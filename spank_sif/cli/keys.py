@@ -8,10 +8,9 @@ import argparse
 import os
 
 from spank_sif import keys, luks2, sif
-from spank_sif.config import load_config
+from spank_sif.cli.common import add_config_option, site_config
 from spank_sif.errors import ImageError, KeyMaterialError, UsageError, WrongKeyError
 
-MAX_PASSPHRASE_FILE = 8 << 20  # cryptsetup's key-file limit
 SQUASHFS_MAGIC = b"hsqs"
 
 VERIFY_EPILOG = """\
@@ -51,8 +50,7 @@ def register(subparsers) -> None:
     source = v.add_mutually_exclusive_group()
     source.add_argument("--passphrase-file", metavar="F", help="read the passphrase from F (exact bytes)")
     source.add_argument("--pem-path", metavar="F", help="RSA private key (PEM) for a PEM-encrypted image")
-    v.add_argument("--config", metavar="PATH",
-                   help="site configuration (default $SPANK_SIF_CONFIG, else /etc/slurm/spank_sif.yaml)")
+    add_config_option(v)
     v.set_defaults(func=verify_key)
 
     k = subparsers.add_parser(
@@ -70,7 +68,7 @@ def register(subparsers) -> None:
 
 
 def verify_key(args) -> int:
-    config = load_config(args.config or os.environ.get("SPANK_SIF_CONFIG"))
+    config = site_config(args)
     fd = sif.open_image(args.image)
     try:
         image = sif.read_sif(fd, name=args.image)
@@ -81,7 +79,7 @@ def verify_key(args) -> int:
         try:
             volume = luks2.read_luks2(fd, part.offset, part.size)
         except ImageError as err:  # say where: the LUKS2 layer does not know the image
-            raise type(err)(f"{args.image}: encrypted partition (id {part.id}): {err}") from None
+            raise type(err)(f"{args.image}: encrypted partition (id {part.id}): {err}") from err
         source = key_source(args, config.key_variables)
         keyslot = check_key(image, fd, volume, source, config.kdf_max_memory_kib)
     finally:
@@ -95,11 +93,8 @@ def key_source(args, variables) -> keys.KeySource:
     if args.pem_path:
         return keys.KeySource("pem_path", "--pem-path", path=args.pem_path)
     if args.passphrase_file:
-        data = _read_file(args.passphrase_file, MAX_PASSPHRASE_FILE, "--passphrase-file")
-        if not data:
-            raise KeyMaterialError(f"--passphrase-file {args.passphrase_file} is empty; an empty key "
-                                   "cannot open an image")
-        return keys.KeySource("passphrase", f"--passphrase-file {args.passphrase_file}", secret=keys.Secret(data))
+        data = _read_file(args.passphrase_file, keys.MAX_PASSPHRASE, "--passphrase-file")
+        return keys.passphrase_from_file(data, args.passphrase_file)
     source = keys.find_key_source(os.environ, variables)
     if source is None:
         raise KeyMaterialError(f"no key: set one of {', '.join(variables)}, "
@@ -113,7 +108,7 @@ def check_key(image, fd: int, volume: luks2.Luks2Volume, source: keys.KeySource,
         try:
             keyslot, volume_key = luks2.unlock(volume, fd, passphrase, cap)
         except WrongKeyError as err:
-            raise WrongKeyError(f"{err} ({source.describe()}){_hint(image, source, passphrase)}") from None
+            raise WrongKeyError(f"{err} ({source.describe()}){_hint(image, source, passphrase)}") from err
     with volume_key:
         # One sector more says whether the plugin's mount would work: the data must be a squashfs.
         first = luks2.decrypt_sectors(volume, fd, volume_key, 0, 1) if volume.segment.sectors else b""
@@ -123,7 +118,7 @@ def check_key(image, fd: int, volume: luks2.Luks2Volume, source: keys.KeySource,
     return keyslot
 
 
-def _hint(image, source: keys.KeySource, passphrase: keys.Secret) -> str:
+def _hint(image, source: keys.KeySource, passphrase) -> str:
     if source.kind != "passphrase":
         return ""
     if any(m.is_pem_rsa_oaep for m in image.crypto_messages(image.primary_partition())):
@@ -143,7 +138,7 @@ def _read_file(path: str, limit: int, what: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
-        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from None
+        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
     if len(data) > limit:
         raise KeyMaterialError(f"{what} {path}: larger than {limit} bytes, not a key")
     return data
@@ -177,7 +172,7 @@ def _create(path: str, data: bytes, mode: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as exc:
-        raise UsageError(f"{path}: cannot create the key file: {exc.strerror}") from None
+        raise UsageError(f"{path}: cannot create the key file: {exc.strerror}") from exc
     try:
         view = memoryview(data)
         while view:
@@ -186,5 +181,5 @@ def _create(path: str, data: bytes, mode: int) -> None:
     except OSError as exc:
         os.close(fd)
         os.unlink(path)
-        raise UsageError(f"{path}: cannot write the key file: {exc.strerror}") from None
+        raise UsageError(f"{path}: cannot write the key file: {exc.strerror}") from exc
     os.close(fd)

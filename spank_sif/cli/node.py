@@ -9,18 +9,15 @@ import os
 import sys
 
 from spank_sif import keys, lifecycle
-from spank_sif.config import load_config
+from spank_sif.cli.common import add_config_option, printable, site_config, table
 from spank_sif.errors import KeyMaterialError, UsageError
 from spank_sif.userfiles import User, read_as_user
-
-MAX_PASSPHRASE_FILE = 64 * 1024
 
 
 def register(subparsers) -> None:
     def add(name, help_text, func):
         p = subparsers.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        p.add_argument("--config", metavar="PATH",
-                       help="site configuration (default $SPANK_SIF_CONFIG, else /etc/slurm/spank_sif.yaml)")
+        add_config_option(p)
         p.set_defaults(func=func)
         return p
 
@@ -48,10 +45,6 @@ def register(subparsers) -> None:
                    help="sweep jobs that no longer run here and interrupted 'open's")
 
 
-def _config(args):
-    return load_config(args.config or os.environ.get("SPANK_SIF_CONFIG") or None)
-
-
 def _need_root(command: str) -> None:
     if os.geteuid() != 0:
         raise UsageError(f"spank-sif {command} needs root (it maps and mounts devices)")
@@ -71,19 +64,15 @@ def _key_source(args, user: User) -> keys.KeySource | None:
     if args.pem_path:
         return keys.KeySource("pem_path", "--pem-path", path=args.pem_path)
     if args.passphrase_file:
-        data = read_as_user(args.passphrase_file, user, MAX_PASSPHRASE_FILE, what="passphrase file",
+        data = read_as_user(args.passphrase_file, user, keys.MAX_PASSPHRASE, what="passphrase file",
                             error=KeyMaterialError)
-        if not data:
-            raise KeyMaterialError(f"passphrase file {args.passphrase_file} is empty; an empty key cannot "
-                                   "open an image")
-        return keys.KeySource("passphrase", f"--passphrase-file {args.passphrase_file}",
-                              secret=keys.Secret(bytearray(data)))
+        return keys.passphrase_from_file(data, args.passphrase_file)
     return None
 
 
 def cmd_open(args) -> int:
     _need_root("open")
-    config = _config(args)
+    config = site_config(args)
     user = _invoking_user(args.user)
     target = os.path.abspath(args.mountpoint)
     unlocked = lifecycle.unlock(args.image, user, os.environ, args.job, config, cwd=os.getcwd(),
@@ -101,7 +90,7 @@ def cmd_open(args) -> int:
 
 def cmd_close(args) -> int:
     _need_root("close")
-    for item in lifecycle.release(args.what, _config(args)):
+    for item in lifecycle.release(args.what, site_config(args)):
         print(f"removed {item}")
     return 0
 
@@ -116,7 +105,7 @@ def _age(seconds: float) -> str:
 
 
 def cmd_list(args) -> int:
-    entries = lifecycle.list_active(_config(args))
+    entries = lifecycle.list_active(site_config(args))
     if args.json:
         json.dump(entries, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -125,22 +114,21 @@ def cmd_list(args) -> int:
     for e in entries:
         rows.append((e["name"], e["job"], e["user"] or "-", e["status"] or "-", e["image"] or "-",
                      ",".join(e["mounts"]) or "-", _age(e["age"])))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    for line in table([[printable(str(cell)) for cell in row] for row in rows]):
+        print(line)
     return 0
 
 
 def cmd_epilog(args) -> int:
     _need_root("epilog")
-    for item in lifecycle.sweep_job(args.job, _config(args)):
+    for item in lifecycle.sweep_job(args.job, site_config(args)):
         print(f"removed {item}")
     return 0
 
 
 def cmd_cleanup(args) -> int:
     _need_root("cleanup")
-    for item in lifecycle.sweep_stale(_config(args)):
+    for item in lifecycle.sweep_stale(site_config(args)):
         print(f"removed {item}")
     return 0
 

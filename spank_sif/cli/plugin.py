@@ -38,8 +38,8 @@ def plugin_path() -> str:
 def plugin_python() -> str:
     """The interpreter the plugin was built for (baked into it at build time)."""
     plugin_path()
-    from spank_sif import _plugin
-    return _plugin.ffi.string(_plugin.lib.shim_python()).decode()
+    import spank_sif._plugin as compiled
+    return compiled.ffi.string(compiled.lib.shim_python()).decode()
 
 
 def plugstack_line(config=None, state_dir=None, optional=False) -> str:

@@ -1,0 +1,28 @@
+"""What several ``spank-sif`` commands share: the ``--config`` option and plain-text tables."""
+import os
+
+CONFIG_HELP = "site configuration (default $SPANK_SIF_CONFIG, else /etc/slurm/spank_sif.yaml)"
+
+
+def add_config_option(parser) -> None:
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+
+
+def site_config(args):
+    """The site configuration a command works under: ``--config``, else ``$SPANK_SIF_CONFIG``,
+    else the default path (which may be absent: then every default applies)."""
+    from spank_sif.config import CONFIG_VARIABLE, load_config
+    return load_config(getattr(args, "config", None) or os.environ.get(CONFIG_VARIABLE) or None)
+
+
+def table(rows) -> list[str]:
+    """Rows of cells (the first one the heading) as left-aligned columns two spaces apart."""
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: anything unprintable (a newline, an escape) as ``\\xNN``.
+    Names and paths shown by commands can come from images and users."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -30,27 +30,26 @@ class User(NamedTuple):
 
     @classmethod
     def from_uid(cls, uid: int, gid: int | None = None) -> "User":
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError as exc:
-            raise UsageError(f"no user with uid {uid} on this node") from exc
-        return cls._from_entry(entry, gid)
+        return cls._from_entry(_passwd(pwd.getpwuid, uid, f"with uid {uid}"), gid)
 
     @classmethod
     def from_name(cls, name: str) -> "User":
         if name.isdigit():
             return cls.from_uid(int(name))
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError as exc:
-            raise UsageError(f"no user named {name!r} on this node") from exc
-        return cls._from_entry(entry, None)
+        return cls._from_entry(_passwd(pwd.getpwnam, name, f"named {name!r}"), None)
 
     @classmethod
     def _from_entry(cls, entry, gid):
         gid = entry.pw_gid if gid is None else gid
         groups = os.getgrouplist(entry.pw_name, gid)
         return cls(entry.pw_uid, gid, tuple(sorted(set(groups))), entry.pw_name)
+
+
+def _passwd(lookup, key, who: str):
+    try:
+        return lookup(key)
+    except KeyError as exc:
+        raise UsageError(f"no user {who} on this node") from exc
 
 
 def _drop_to(user: User) -> None:

@@ -88,11 +88,15 @@ def cmd_open(args) -> int:
     return 0
 
 
+def _removed(items: list[str]) -> int:
+    for item in items:
+        print(f"removed {printable(item)}")
+    return 0
+
+
 def cmd_close(args) -> int:
     _need_root("close")
-    for item in lifecycle.release(args.what, site_config(args)):
-        print(f"removed {item}")
-    return 0
+    return _removed(lifecycle.release(args.what, site_config(args)))
 
 
 def _age(seconds: float) -> str:
@@ -121,14 +125,10 @@ def cmd_list(args) -> int:
 
 def cmd_epilog(args) -> int:
     _need_root("epilog")
-    for item in lifecycle.sweep_job(args.job, site_config(args)):
-        print(f"removed {item}")
-    return 0
+    return _removed(lifecycle.sweep_job(args.job, site_config(args)))
 
 
 def cmd_cleanup(args) -> int:
     _need_root("cleanup")
-    for item in lifecycle.sweep_stale(site_config(args)):
-        print(f"removed {item}")
-    return 0
+    return _removed(lifecycle.sweep_stale(site_config(args)))
 

@@ -45,6 +45,15 @@ void crypt_set_log_callback(struct crypt_device *cd,
 """
 
 
+def open_library(path: str = LIBRARY):
+    """``(ffi, lib)`` for the libcryptsetup at ``path`` (OSError or ImportError if it cannot be
+    loaded). Functions resolve on first use: ``spank-sif doctor`` checks each one."""
+    import cffi
+    ffi = cffi.FFI()
+    ffi.cdef(_CDEF)
+    return ffi, ffi.dlopen(path)
+
+
 class _Library:
     """libcryptsetup loaded once per process, or None if the node lacks it."""
 
@@ -56,10 +65,7 @@ class _Library:
         if not cls._loaded:
             cls._loaded = True
             try:
-                import cffi
-                ffi = cffi.FFI()
-                ffi.cdef(_CDEF)
-                cls._lib = (ffi, ffi.dlopen(LIBRARY))
+                cls._lib = open_library()
             except (OSError, ImportError):
                 cls._lib = None
         return cls._lib
@@ -279,13 +285,18 @@ def _activation_error(err: int, detail: str) -> SifError:
     return SystemSetupError(f"dm-crypt activation failed: {detail}")
 
 
+def trusted_program(st: os.stat_result) -> bool:
+    """Whether a program with this status may be handed a key: owned by root, writable by no one else."""
+    return st.st_uid == 0 and not st.st_mode & 0o022
+
+
 def _binary() -> str:
     for path in BINARIES:
         try:
             st = os.stat(path)
         except FileNotFoundError:
             continue
-        if st.st_uid != 0 or st.st_mode & 0o022:
+        if not trusted_program(st):
             raise SystemSetupError(f"{path} is not owned by root or is writable by others: refusing to "
                                    "hand it a key; ask your admin")
         return path

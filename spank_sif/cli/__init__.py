@@ -18,6 +18,7 @@ COMMANDS = {
     "verify-key": "keys", "keygen": "keys",
     "open": "node", "close": "node", "list": "node", "epilog": "node", "cleanup": "node",
     "plugin-path": "plugin", "plugstack-line": "plugin",
+    "doctor": "doctor",
     "demo": "demo",
 }
 

@@ -326,7 +326,7 @@ def check_plugin(plugin_version: int | None = None, commands=SLURM_VERSION_COMMA
     if installed is None:
         return failed("plugin", f"cannot tell which Slurm this node runs ({source})",
                       "install Slurm here, or run doctor where slurmd -V or srun --version works")
-    have = "%d.%02d.%d" % installed
+    have = f"{installed[0]}.{installed[1]:02d}.{installed[2]}"
     if installed[:2] != built:
         return failed("plugin", f"built for Slurm {built[0]}.{built[1]:02d}, but this node has Slurm {have} "
                                 f"({source}): Slurm will not load it", rebuild)
@@ -346,8 +346,8 @@ def _slurm_conf_values(path: str, depth: int = 0) -> list[tuple[str, str]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()
     values = []
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
         words = line.split(None, 1)
         if len(words) == 2 and words[0].lower() == "include" and depth < 8:
             target = words[1].strip()
@@ -418,7 +418,8 @@ def check_plugstack(slurm_conf: str, plugin: str) -> Result:
     if line is None:
         others = [ln for ln in lines if "spank_sif" in ln.path or os.path.basename(ln.path).startswith("_plugin.")]
         where = stack if os.path.exists(stack) else f"{stack} (missing)"
-        other = f"; it loads another spank-sif: {others[0].path} ({others[0].file}:{others[0].number})" if others else ""
+        other = (f"; it loads another spank-sif: {others[0].path} ({others[0].file}:{others[0].number})"
+                 if others else "")
         return failed("plugstack", f"{where} does not load {plugin}{other}",
                       f"add '{_suggested_line()}' to {stack} or a file it includes, then restart slurmd")
     at = f"{line.file}:{line.number}"
@@ -511,8 +512,8 @@ def check_state_dir(path: str, mountinfo: str = "/proc/self/mountinfo") -> Resul
     fstype = filesystem_type(path, mountinfo)
     if fstype != "tmpfs":
         warnings.append((f"{path} is on {fstype}, not tmpfs: records would outlive a reboot",
-                         "set state_dir to a directory on a tmpfs (/run is one on most systems), "
-                         "or mount a tmpfs there"))
+                         ("set state_dir to a directory on a tmpfs (/run is one on most systems), "
+                          "or mount a tmpfs there")))
     return _verdict("state-dir", f"{found}, on tmpfs", errors, warnings, code)
 
 
@@ -582,7 +583,8 @@ def _closed_to_others(path: str, need: int) -> str | None:
         if pending and not mode & stat.S_IXOTH:
             return f"{here} (mode {mode:04o}) is closed to other users"
         if not pending and mode & need != need:
-            return f"{here} (mode {mode:04o}) is not {'readable' if need & stat.S_IROTH else 'executable'} by other users"
+            what = "readable" if need & stat.S_IROTH else "executable"
+            return f"{here} (mode {mode:04o}) is not {what} by other users"
         current = here
     return None
 

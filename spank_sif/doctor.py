@@ -601,6 +601,10 @@ def check_python(python: str, libpython: str, plugin: str, user: str = "nobody")
     the package."""
     fix = ("make the plugin's Python environment readable by every user, where every user can reach "
            "it: chmod -R a+rX <venv> (not under /root)")
+    if not os.path.isfile(python):
+        return failed("python", f"the plugin's Python {python} does not exist",
+                      "point python= on the plugstack.conf line at the environment's bin/python3 "
+                      "(spank-sif plugstack-line prints the line)")
     for path, need in ((python, stat.S_IXOTH), (libpython, stat.S_IROTH), (plugin, stat.S_IROTH)):
         why = _closed_to_others(path, need)
         if why:

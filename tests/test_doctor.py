@@ -439,6 +439,11 @@ def test_libpython_users_cannot_read(world, plugin):
                 f"{copy} (mode 0600) is not readable by other users")
 
 
+def test_python_that_does_not_exist(tmp_path, plugin):
+    failed_with(doctor.check_python(str(tmp_path / "python3"), libpython(), plugin), "does not exist",
+                "python=")
+
+
 @root_only
 def test_python_without_spank_sif(plugin):
     """python= naming an interpreter every user can run but that has no spank-sif."""
@@ -512,6 +517,27 @@ def test_doctor_json(tmp_path):
         assert check["ok"] or check["fix"]
     first_error = next(c for c in report["checks"] if c["status"] == "error")
     assert out.returncode == first_error["exit_code"]
+
+
+@root_only
+def test_doctor_checks_what_the_plugstack_line_names(tmp_path, plugin):
+    """Without --config, the site configuration is the one the plugin reads (config= on its line),
+    unless $SPANK_SIF_CONFIG names another; state_dir= on the line must match it."""
+    typo, good = tmp_path / "typo.yaml", tmp_path / "good.yaml"
+    typo.write_text("mount_piont: /sif\n")
+    good.write_text("state_dir: /run/elsewhere\n")
+    conf = slurm_setup(tmp_path, f"required {plugin} config={typo} python={PREFIX}/bin/python3\n")
+    env = dict(os.environ, SLURM_CONF=conf)
+    env.pop("SPANK_SIF_CONFIG", None)
+    checks = {c["name"]: c for c in json.loads(run_doctor("--json", env=env).stdout)["checks"]}
+    assert checks["plugstack"]["ok"], checks["plugstack"]
+    assert checks["config"]["status"] == "error" and str(typo) in checks["config"]["detail"]
+    assert checks["python"]["ok"], checks["python"]
+    env["SPANK_SIF_CONFIG"] = str(good)
+    checks = {c["name"]: c for c in json.loads(run_doctor("--json", env=env).stdout)["checks"]}
+    assert checks["config"]["status"] == "error", checks["config"]
+    assert "state_dir is /run/elsewhere" in checks["config"]["detail"]
+    assert "state_dir=/run/elsewhere" in checks["config"]["fix"]
 
 
 def test_doctor_needs_root():

@@ -306,8 +306,8 @@ def _slurm_version(commands) -> tuple[tuple[int, ...] | None, str]:
 
 
 def _plugin_build_version() -> int:
-    from spank_sif import _plugin  # type: ignore[attr-defined]  # built by pip install
-    return int(_plugin.lib.shim_slurm_version())
+    import spank_sif._plugin as compiled  # built by pip install
+    return int(compiled.lib.shim_slurm_version())
 
 
 def check_plugin(plugin_version: int | None = None, commands=SLURM_VERSION_COMMANDS) -> Result:

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 from spank_sif import dmcrypt, loop
 from spank_sif.callbacks import plugstack_args
-from spank_sif.cli.plugin import plugin_path, plugin_python, plugstack_line
-from spank_sif.config import DEFAULT_PATH, SiteConfig, load_config
+from spank_sif.installation import plugin_path, plugin_python, plugstack_line
+from spank_sif.config import CONFIG_VARIABLE, DEFAULT_PATH, SiteConfig, load_config
 from spank_sif.errors import ConfigError, SifError, StateError, SystemSetupError
 
 
@@ -667,7 +667,7 @@ def run_checks(config: str | None = None, slurm_conf: str | None = None, environ
     else:
         results.append(failed("plugstack", f"not checked: {reason}", "see the 'plugin' line"))
 
-    config = config or environ.get("SPANK_SIF_CONFIG") or args.get("config")
+    config = config or environ.get(CONFIG_VARIABLE) or args.get("config")
     results.append(check_site_config(config, args.get("state_dir", "")))
     try:
         site = load_config(config)

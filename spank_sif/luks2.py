@@ -260,7 +260,7 @@ def _ids(obj: dict, where: str, high: int) -> dict:
     """A JSON object keyed by small decimal ids -> {int: dict}."""
     result = {}
     for key, value in obj.items():
-        if not (key.isdigit() and len(key) <= 3 and int(key) < high):
+        if not (key.isascii() and key.isdigit() and len(key) <= 3 and int(key) < high):
             raise ImageError(f"LUKS2 metadata: {where} has an invalid id {key[:20]!r}")
         if not isinstance(value, dict):
             raise ImageError(f"LUKS2 metadata: {where}.{key} is not a JSON object")
@@ -270,7 +270,8 @@ def _ids(obj: dict, where: str, high: int) -> dict:
 
 def _id_list(obj, key, where, high):
     items = _field(obj, key, where, list)
-    if len(items) > high or not all(isinstance(i, str) and i.isdigit() and len(i) <= 3 for i in items):
+    if len(items) > high or not all(isinstance(i, str) and i.isascii() and i.isdigit() and len(i) <= 3
+                                    for i in items):
         raise ImageError(f"LUKS2 metadata: {where}.{key} is not a list of ids")
     return frozenset(int(i) for i in items)
 

@@ -57,7 +57,7 @@ def _expect(value, kind, key: str, where: str, what: str):
 
 def _validate(raw: dict, where: str) -> SiteConfig:
     known = set(SiteConfig._fields) - {"source"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(map(str, set(raw) - known))  # YAML keys may be numbers, dates, null...
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known keys: {', '.join(sorted(known))})")
     values = {}

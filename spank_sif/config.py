@@ -128,6 +128,14 @@ def parse_config(text: str, where: str = "<config>") -> SiteConfig:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from exc
+    except (ValueError, TypeError, AttributeError) as exc:
+        # PyYAML turns scalars into values with int(), float() and datetime() and lets their errors
+        # through: "!!int x", "2001-02-30", a 5000-digit number, "!!timestamp x".
+        detail = f" ({exc})" if isinstance(exc, ValueError) else ""
+        raise ConfigError(f"{where}: not valid YAML: a value cannot be read as a number or a date{detail}") \
+            from exc
     if raw is None:
         return SiteConfig(source=where)
     if not isinstance(raw, dict):

@@ -161,6 +161,9 @@ def luks2_seeds() -> dict[str, bytes]:
         seeds["copies-disagree"] = target_luks2.encode(
             json.dumps(cheap).encode() + b"\0" + json.dumps(costly).encode(), flags=3, seqids=0x21)
         seeds["secondary-only"] = target_luks2.encode(json.dumps(cheap).encode(), flags=2)
+        # What an interrupted reencryption leaves: a mandatory requirement.
+        cheap["config"]["requirements"] = {"mandatory": ["online-reencrypt-v2"]}
+        seeds["reencryption"] = target_luks2.encode(json.dumps(cheap).encode())
     return seeds
 
 
@@ -178,12 +181,16 @@ def keys_seeds() -> dict[str, bytes]:
 
     from cryptography.hazmat.primitives import serialization as s
     from cryptography.hazmat.primitives.asymmetric import ec
+
+    from spank_sif import keys
     key = target_keys._fuzz_key()
     enc = s.BestAvailableEncryption(b"pass")
     pkcs1_der = key.private_bytes(s.Encoding.DER, s.PrivateFormat.TraditionalOpenSSL, s.NoEncryption())
     pkcs8_der = key.private_bytes(s.Encoding.DER, s.PrivateFormat.PKCS8, s.NoEncryption())
     message = target_keys.fuzz_message()
     message_der = base64.b64decode(b"".join(message.splitlines()[1:-1]))
+    empty = key.public_key().encrypt(b"", keys._oaep())  # one block that decrypts to no key at all
+    ec_key = ec.generate_private_key(ec.SECP256R1())
     E = target_keys.encode
     return {
         "pkcs1": E(0, target_keys.FUZZ_KEY_PEM),
@@ -191,13 +198,14 @@ def keys_seeds() -> dict[str, bytes]:
         "pkcs8-encrypted": E(0, key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, enc)),
         "pkcs1-encrypted": E(0, key.private_bytes(s.Encoding.PEM, s.PrivateFormat.TraditionalOpenSSL, enc)),
         "openssh": E(0, key.private_bytes(s.Encoding.PEM, s.PrivateFormat.OpenSSH, s.NoEncryption())),
-        "ec": E(0, ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            s.Encoding.PEM, s.PrivateFormat.TraditionalOpenSSL, s.NoEncryption())),
+        "ec": E(0, ec_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.TraditionalOpenSSL, s.NoEncryption())),
+        "ec-pkcs8": E(0, ec_key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption())),
         "public": E(0, key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.PKCS1)),
         "pkcs1-der": E(1, b"\0" + pkcs1_der),
         "pkcs8-der": E(1, b"\1" + pkcs8_der),
         "message": E(2, message),
         "message-der": E(3, message_der),
+        "message-empty-key": E(3, b"\x04\x81" + bytes([len(empty)]) + empty),
         "env-passphrase": E(4, b"\0\0APPTAINER_ENCRYPTION_PASSPHRASE=secret\xff\0PATH=/bin"),
         "env-pem-path": E(4, b"\0\0SINGULARITY_ENCRYPTION_PEM_PATH=~/k.pem\0APPTAINER_ENCRYPTION_PEM_DATA="),
         "env-custom": E(4, b"SITE_KEY_PASSPHRASE\0SITE_PEM_DATA\0\0SITE_PEM_DATA=-----BEGIN"),

@@ -15,7 +15,7 @@ harness lays it out, with correct checksums unless asked otherwise:
   the rest   the JSON metadata text
 
 The custom mutator edits the JSON as a tree half of the time (values swapped for hostile ones,
-keys dropped, entries duplicated) and otherwise lets libFuzzer mutate the bytes.
+keys dropped or added, entries duplicated) and otherwise lets libFuzzer mutate the bytes.
 """
 import hashlib
 import json
@@ -50,6 +50,8 @@ HOSTILE = [0, 1, -1, 2, 3, 7, 8, 16, 32, 64, 511, 512, 4096, 4097, 4000, 4001, 2
            "AAAAAAAAAAAAAAAAAAAAAA==", "AA", "AAA=", "!!!!", "\u0661", "\u00b2", "\uff11", [], {},
            ["0"], ["1", "0"], ["0", "0"], [0], {"0": {}}]
 ID_KEYS = ["0", "1", "2", "31", "32", "999", "1000", "00", "-1", "", "a", "\u0661", "\u00b2"]
+# Names the metadata may hold, optional ones included, for keys the tree mutator adds.
+FIELDS = [t.strip(b'"').decode() for t in TOKENS if t.startswith(b'"')]
 
 
 def encode(text: bytes, *, flags: int = 0, seqids: int = 0x11, size: int = 20 << 20, cap_exp: int = 20,
@@ -163,7 +165,7 @@ def _mutate_tree(tree, rng: random.Random):
     if not nodes:
         return rng.choice([{"config": {}}, tree])
     node, key = rng.choice(nodes)
-    action = rng.randrange(5)
+    action = rng.randrange(6)
     if action == 0:
         node[key] = json.loads(json.dumps(rng.choice(HOSTILE)))  # a fresh copy, never shared
     elif action == 1 and isinstance(node[key], str) and node[key].isdigit():
@@ -172,6 +174,8 @@ def _mutate_tree(tree, rng: random.Random):
         del node[key]
     elif action == 3 and isinstance(node, dict):
         node[rng.choice(ID_KEYS)] = json.loads(json.dumps(node[key]))  # e.g. a second keyslot
+    elif action == 4 and isinstance(node[key], dict):
+        node[key][rng.choice(FIELDS)] = json.loads(json.dumps(rng.choice(HOSTILE)))
     else:
         other_node, other_key = rng.choice(nodes)
         node[key] = json.loads(json.dumps(other_node[other_key]))

@@ -118,12 +118,13 @@ def _merge(target: str, work: Path) -> int:
     if rc != 0 or not kept:
         print(f"merge failed (exit {rc}); the corpus is unchanged", file=sys.stderr)
         return rc or 1
+    size = sum(p.stat().st_size for p in kept)
     for old in fuzz.inputs(corpus):
         old.unlink()
     for new in kept:
         new.rename(corpus / new.name)
     out.rmdir()
-    print(f"{target}: {len(kept)} inputs, {sum(p.stat().st_size for p in kept)} bytes in {corpus}")
+    print(f"{target}: {len(kept)} inputs, {size} bytes in {corpus}")
     return 0
 
 

@@ -5,7 +5,7 @@
   replay TARGET FILE...            each input's outcome, without atheris (a finding raises)
   seed [TARGET...]                 add the seed inputs (reference images, real cryptsetup) to the corpus
 
-A run reads the target's corpus and regression inputs from the repository and writes what it adds,
+A run reads the target's corpus from the repository and writes what it adds,
 and any crash, hang or memory blow-up (``crash-*``, ``timeout-*``, ``oom-*``), under --work.
 """
 import argparse
@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     if args.command == "run":
         work = _work(args.work, args.target)
         stop = f"-runs={args.runs}" if args.runs is not None else f"-max_total_time={args.seconds or 60}"
-        corpora = [work / "corpus", fuzz.CORPUS / args.target, fuzz.REGRESSIONS / args.target]
+        # Not the regression inputs: tests/test_fuzz.py replays them, and the slow ones (a YAML
+        # nested 600 deep) would make libFuzzer spend its time on their variants.
+        corpora = [work / "corpus", fuzz.CORPUS / args.target]
         libfuzzer(args.target, [stop, f"-artifact_prefix={work}/", *args.flags,
                                 *(str(d) for d in corpora if d.is_dir())], work)
     if args.command == "merge":
@@ -90,7 +92,7 @@ def libfuzzer(target: str, flags: list[str], work: Path | None):
         module = fuzz.target(target)
         import yaml  # noqa: F401  (config.py imports it on first use: instrument it now)
     given = {f.split("=", 1)[0] for f in flags}
-    defaults = {"-max_len": module.MAX_LEN, "-timeout": TIMEOUT_S, "-rss_limit_mb": RSS_LIMIT_MB,
+    defaults = {"-max_len": module.MAX_LEN, "-timeout": getattr(module, "TIMEOUT_S", TIMEOUT_S), "-rss_limit_mb": RSS_LIMIT_MB,
                 "-print_final_stats": 1}
     if work is not None:
         defaults["-dict"] = _dictionary(module.TOKENS, work / "tokens.dict")

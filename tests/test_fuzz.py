@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import fuzz  # noqa: E402  (the repository's top-level fuzz package)
 
-BRIEF_RUNS = 2000  # per target, after the corpus: a few seconds each
+BRIEF_RUNS = 5000  # per target, after the corpus: seconds each
 
 
 @pytest.mark.parametrize("name", fuzz.TARGETS)

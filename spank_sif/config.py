@@ -130,11 +130,12 @@ def parse_config(text: str, where: str = "<config>") -> SiteConfig:
         raise ConfigError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from exc
     except RecursionError as exc:
         raise ConfigError(f"{where}: not valid YAML: nested too deeply") from exc
-    except (ValueError, TypeError, AttributeError) as exc:
-        # PyYAML turns scalars into values with int(), float() and datetime() and lets their errors
-        # through: "!!int x", "2001-02-30", a 5000-digit number, "!!timestamp x".
+    except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        # PyYAML's constructors of numbers, dates and booleans let Python's own errors through:
+        # "!!int x", "2001-02-30", a 5000-digit number (ValueError), "!!int " (IndexError),
+        # "!!bool x" (KeyError), "!!timestamp x" (AttributeError).
         detail = f" ({exc})" if isinstance(exc, ValueError) else ""
-        raise ConfigError(f"{where}: not valid YAML: a value cannot be read as a number or a date{detail}") \
+        raise ConfigError(f"{where}: not valid YAML: a malformed number, date or true/false value{detail}") \
             from exc
     if raw is None:
         return SiteConfig(source=where)

@@ -92,8 +92,8 @@ def libfuzzer(target: str, flags: list[str], work: Path | None):
         module = fuzz.target(target)
         import yaml  # noqa: F401  (config.py imports it on first use: instrument it now)
     given = {f.split("=", 1)[0] for f in flags}
-    defaults = {"-max_len": module.MAX_LEN, "-timeout": getattr(module, "TIMEOUT_S", TIMEOUT_S), "-rss_limit_mb": RSS_LIMIT_MB,
-                "-print_final_stats": 1}
+    defaults = {"-max_len": module.MAX_LEN, "-timeout": getattr(module, "TIMEOUT_S", TIMEOUT_S),
+                "-rss_limit_mb": RSS_LIMIT_MB, "-print_final_stats": 1}
     if work is not None:
         defaults["-dict"] = _dictionary(module.TOKENS, work / "tokens.dict")
     argv = [_command(target), *(f"{k}={v}" for k, v in defaults.items() if k not in given), *flags]
@@ -102,8 +102,10 @@ def libfuzzer(target: str, flags: list[str], work: Path | None):
 
 
 def _dictionary(tokens, path: Path) -> Path:
-    path.write_text("".join('"%s"\n' % "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}"
-                                               for b in t) for t in tokens))
+    """A libFuzzer dictionary: one quoted token a line, bytes outside printable ASCII as \\xNN."""
+    def quoted(token: bytes) -> str:
+        return "".join(chr(b) if 32 <= b < 127 and b not in b'"\\' else f"\\x{b:02x}" for b in token)
+    path.write_text("".join(f'"{quoted(t)}"\n' for t in tokens))
     return path
 
 
@@ -115,7 +117,7 @@ def _merge(target: str, work: Path) -> int:
     out = Path(tempfile.mkdtemp(prefix=f"merge-{target}-", dir=work))
     rc = subprocess.run([sys.executable, "-m", "fuzz", "libfuzzer", target, "-merge=1",
                          f"-artifact_prefix={work}/", str(out), str(corpus), str(work / "corpus")],
-                        cwd=fuzz.REPO).returncode
+                        cwd=fuzz.REPO, check=False).returncode
     kept = fuzz.inputs(out)
     if rc != 0 or not kept:
         print(f"merge failed (exit {rc}); the corpus is unchanged", file=sys.stderr)

@@ -7,7 +7,7 @@ import os
 
 from fuzz import harness
 from fuzz.harness import check
-from spank_sif import config
+from spank_sif import config, keys
 
 MAX_LEN = 2048  # a real configuration is a few hundred bytes
 # PyYAML's scanner looks up to 1024 characters back for each token of a deeply nested flow
@@ -33,7 +33,7 @@ def _use(fd: int) -> None:
     for path in (c.mount_point, c.state_dir, *c.allowed_image_paths):
         check(isinstance(path, str) and os.path.isabs(path) and "\0" not in path, "a path not absolute")
     check(c.mount_point != "/", "mount point /")
-    check(bool(c.key_variables) and all(isinstance(v, str) and v.endswith(config.KEY_VARIABLE_KINDS)
+    check(bool(c.key_variables) and all(isinstance(v, str) and keys.kind_of(v) is not None
                                         for v in c.key_variables), "key variable without a known kind")
     for flag in (c.strip_key_variables, c.allow_unencrypted):
         check(flag is True or flag is False, "a flag that is not a bool")

@@ -1,4 +1,4 @@
-"""Target ``luks2``: ``luks2.read_luks2``, ``luks2.keyslot_order`` and the KDF cap (``dmcrypt.usable_slots``).
+"""Target ``luks2``: ``luks2.read_luks2``, ``luks2.keyslot_order`` and the KDF cap (``luks2.affordable_keyslots``).
 
 Raw bytes would almost all die at the header checksum, so an input describes the volume and the
 harness lays it out, with correct checksums unless asked otherwise:
@@ -10,7 +10,7 @@ harness lays it out, with correct checksums unless asked otherwise:
              at byte 4096 of the file (as a SIF partition does), else at 0
   byte 1     sequence ids: primary in the low nibble, secondary in the high one
   bytes 2-5  volume size in bytes (big-endian); the file is that long (a hole past the headers)
-  byte 6     KDF memory cap for usable_slots: 2 ** (byte % 32) KiB
+  byte 6     KDF memory cap for affordable_keyslots: 2 ** (byte % 32) KiB
   [442 bytes overlaying bytes 6..447 of each binary header (version to padding), if bit 6]
   the rest   the JSON metadata text
 
@@ -23,7 +23,8 @@ import random
 
 from fuzz import harness
 from fuzz.harness import check
-from spank_sif import dmcrypt, luks2
+from spank_sif import luks2
+from spank_sif.errors import SifError
 
 MAX_LEN = 16384
 PREFIX = 7
@@ -118,8 +119,11 @@ def _use(fd: int, offset: int, size: int, cap: int) -> None:
     bound = {k for d in volume.digests if 0 in d.segments for k in d.keyslots}
     check(all(k.id in bound and k.priority != luks2.PRIORITY_IGNORE for k in order), "keyslot order")
     check([k.priority for k in order] == sorted((k.priority for k in order), reverse=True), "priorities")
-    slots = dmcrypt.usable_slots(volume, cap)
-    check(bool(slots) and all(s.memory_kib <= cap for s in slots), "a slot above the KDF cap")
+    slots = luks2.affordable_keyslots(volume, cap)
+    check(bool(slots) and all(k.kdf.memory_kib <= cap for k in slots), "a keyslot above the KDF cap")
+    check([k.id for k in slots] == [k.id for k in order if k in slots], "affordable keyslots out of order")
+    error = luks2.no_keyslot_opened(volume, cap)  # what a wrong key is told
+    check(isinstance(error, SifError) and type(error) is not SifError and "\n" not in str(error), "error")
 
 
 def _check_volume(v: luks2.Luks2Volume, size: int) -> None:

@@ -73,5 +73,5 @@ def _check_image(image: sif.SifImage, size: int) -> None:
     spans = sorted((d.offset, d.end) for d in image.descriptors if d.size)
     reserved = [(0, sif.HEADER.size), (h.descriptors_offset, h.descriptors_offset + h.descriptors_size)]
     check(all(0 <= a < b <= size for a, b in spans), "object outside the file")
-    check(all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:])), "objects overlap")
+    check(all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:], strict=False)), "objects overlap")
     check(not any(a < e and s < b for a, b in spans for s, e in reserved), "object over header or table")

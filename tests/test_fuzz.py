@@ -18,7 +18,7 @@ BRIEF_RUNS = 5000  # per target, after the corpus: seconds each
 @pytest.mark.parametrize("name", fuzz.TARGETS)
 def test_target_runs_briefly_without_findings(name, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fuzz", "run", name, "--runs", str(BRIEF_RUNS),
-                           "--work", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           "--work", str(tmp_path)], check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     tail = proc.stderr[-4000:]
     assert proc.returncode == 0, tail

@@ -119,11 +119,35 @@ _CHECKS = {
 }
 
 
+def _strict_loader(where: str):
+    """PyYAML's safe loader, except that a key given twice is an error: YAML lets the last one win,
+    so a forgotten earlier line ("allow_unencrypted: false") would be silently overridden."""
+    import yaml  # here, not at the top: most commands and nodes have no file to parse
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable: PyYAML's own check below says so
+                    continue
+                if duplicate:
+                    raise ConfigError(f"{where}: '{key}' is set twice (line {key_node.start_mark.line + 1}); "
+                                      "keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def parse_config(text: str, where: str = "<config>") -> SiteConfig:
     """Validate YAML text; ``where`` names it in messages."""
-    import yaml  # here, not at the top: most commands and nodes have no file to parse
+    loader = _strict_loader(where)
+    import yaml
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -34,7 +34,7 @@ class User(NamedTuple):
 
     @classmethod
     def from_name(cls, name: str) -> "User":
-        if name.isdigit():
+        if name.isascii() and name.isdigit():  # "²" is a digit to isdigit(), not to int()
             return cls.from_uid(int(name))
         return cls._from_entry(_passwd(pwd.getpwnam, name, f"named {name!r}"), None)
 

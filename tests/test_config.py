@@ -108,3 +108,10 @@ def test_not_utf8_is_a_config_error(tmp_path):
 
 def test_every_setting_has_a_check():
     assert set(SiteConfig._fields) - {"source"} == set(config._CHECKS)
+
+
+@pytest.mark.parametrize("text", ["allow_unencrypted: false\nmount_point: /x\nallow_unencrypted: true\n",
+                                  "mount_point: /x\nmount_point: /y\n"])
+def test_a_key_set_twice_is_an_error_not_the_last_one_winning(text):
+    with pytest.raises(ConfigError, match="is set twice .line 3|is set twice .line 2"):
+        config.parse_config(text, "site.yaml")

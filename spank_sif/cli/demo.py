@@ -41,8 +41,12 @@ def _run(argv: list) -> int:
 def _squashfs(directory: str) -> str:
     out = os.path.join(directory, "rootfs.sqfs")
     with tempfile.TemporaryDirectory() as tree:
+        # The image's root directory keeps the tree's mode, and jobs run as ordinary users:
+        # a private temporary directory (0700) would make every file in the image unreadable.
+        os.chmod(tree, 0o755)
         with open(os.path.join(tree, "hello.txt"), "wb") as f:
             f.write(HELLO)
+        os.chmod(os.path.join(tree, "hello.txt"), 0o644)
         try:
             subprocess.run(["mksquashfs", tree, out, "-noappend", "-quiet", "-all-root"], check=True,
                            stdout=subprocess.DEVNULL)
@@ -98,7 +102,7 @@ def demo(args) -> int:
     results.append(_run(["verify-key", pass_image, "--passphrase-file", wrong]) == 2)
 
     _step("next")
-    print(f"On a cluster with spank-sif installed:\n"
+    print(f"On a cluster with spank-sif installed (scripts/demo.sh goes on to run it on a real Slurm node):\n"
           f"  APPTAINER_ENCRYPTION_PEM_PATH={pem_file} srun --sif-image={pem_image} cat /sif/hello.txt")
     ok = all(results)
     print("\ndemo " + ("succeeded" if ok else "FAILED: see above"))

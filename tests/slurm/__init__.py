@@ -170,10 +170,11 @@ class SlurmCluster:
         self.site_config.write_text(text)
         os.chmod(self.site_config, 0o644)
 
-    def start(self) -> None:
+    def start(self, users=USERS) -> None:
+        """Start the daemons (after creating the test ``users`` where missing)."""
         if os.environ.get("SPANK_SIF_IN_VM") == "1":
             prepare_vm_node(self.host)
-        ensure_users()
+        ensure_users(users)
         ensure_munge()
         self.write_configs()
         env = self.env()

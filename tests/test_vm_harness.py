@@ -1,7 +1,9 @@
 """The VM harness itself: dm-crypt really works where vm tests run, and the host reports what the VM saw."""
 import hashlib
 import os
+import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -126,43 +128,114 @@ def test_sleeps():
     import time
     time.sleep(float(os.environ.get("SPANK_SIF_SYNTHETIC_SLEEP", "0")))
 
+@pytest.fixture
+def fails_in_teardown():
+    yield
+    raise RuntimeError("teardown broke inside")
+
+@pytest.mark.vm
+def test_errors_in_teardown(fails_in_teardown):
+    pass
+
+@pytest.fixture
+def skips_in_setup():
+    pytest.skip("inner setup skip reason")
+
+@pytest.mark.vm
+def test_skips_in_setup(skips_in_setup):
+    pass
+
+@pytest.fixture
+def teardown_misbehaves(request):
+    """What a fixture's teardown does in the guest, chosen by SPANK_SIF_SYNTHETIC_TEARDOWN:
+    hang (a stuck mapping), exit (pytest dies, status 0, before reporting the teardown), or write a
+    cut-off `failed` teardown line to results.jsonl and then hang (cut-and-hang) or go on (cut)."""
+    import json, time
+    yield
+    action = os.environ.get("SPANK_SIF_SYNTHETIC_TEARDOWN", "")
+    if action.startswith("cut"):
+        line = json.dumps({"nodeid": request.node.nodeid, "when": "teardown", "outcome": "failed",
+                           "text": "teardown failed", "crash": None, "xfail": None})
+        with open(os.environ["SPANK_SIF_VM_RESULTS"], "a") as f:
+            f.write(line[:len(line) // 2] + ("\\n" if action == "cut" else ""))
+    if action in ("hang", "cut-and-hang"):
+        time.sleep(600)
+    if action == "exit":
+        os._exit(0)
+
+@pytest.mark.vm
+def test_teardown_misbehaves(teardown_misbehaves):
+    pass
+
 def test_on_the_host():
     assert os.environ.get("SPANK_SIF_IN_VM") != "1"
 '''
 
+# The synthetic suite's conftest: the harness and strict mode, and (SPANK_SIF_SYNTHETIC_SESSION_ERROR=1)
+# an error in the guest's session finish, after every test has passed.
+SYNTHETIC_CONFTEST = '''
+import os
+import sys
+sys.path.insert(0, {tests!r})
+pytest_plugins = ["vm.plugin", "strict_mode"]
 
-def run_synthetic(tmp_path: Path, *args: str, **env: str) -> tuple[dict[str, tuple[str, str]], str]:
-    """Run the synthetic suite; return {test name: (outcome, message)} from its JUnit XML, and its output."""
+def pytest_sessionfinish(session):
+    if os.environ.get("SPANK_SIF_IN_VM") == "1" and os.environ.get("SPANK_SIF_SYNTHETIC_SESSION_ERROR"):
+        raise RuntimeError("session finish broke inside")
+'''
+
+
+@dataclass
+class Synthetic:
+    results: dict[str, tuple[str, str]]  # test name: (passed/failure/error/skipped, message and text)
+    output: str  # what the outer pytest printed
+    returncode: int  # the outer pytest's exit status
+
+    def kinds(self) -> dict[str, str]:
+        return {name: kind for name, (kind, _) in self.results.items()}
+
+    def summary(self, name: str) -> str:
+        """The line pytest's short test summary printed for this test (-rA): its one-line reason."""
+        lines = [line for line in self.output.splitlines() if f"::{name} - " in line]
+        assert len(lines) == 1, self.output
+        return lines[0]
+
+
+def run_synthetic(tmp_path: Path, *args: str, **env: str) -> Synthetic:
+    """Run the synthetic suite (strict mode off unless asked for) and collect what the outer run reported."""
     import sys
     import xml.etree.ElementTree as ET
     suite = tmp_path / "suite"
-    suite.mkdir(exist_ok=True)
+    suite.mkdir(parents=True, exist_ok=True)
     tests_dir = Path(__file__).resolve().parent
-    (suite / "conftest.py").write_text(f"import sys\nsys.path.insert(0, {str(tests_dir)!r})\n"
-                                       "pytest_plugins = ['vm.plugin']\n")
+    (suite / "conftest.py").write_text(SYNTHETIC_CONFTEST.format(tests=str(tests_dir)))
     (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    vm: needs dm-crypt\n")
     (suite / "test_synthetic.py").write_text(SYNTHETIC)
     xml = tmp_path / "outer.xml"
+    # -rA and a wide terminal: the short summary shows each test's one-line reason in full
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--junitxml", str(xml),
                            "--basetemp", str(tmp_path / "basetemp"), *args], cwd=suite,
-                          env={**os.environ, "SPANK_SIF_VM_LAUNCHER": "local", **env}, capture_output=True, text=True)
+                          env={**os.environ, "SPANK_SIF_VM_LAUNCHER": "local", "SPANK_SIF_STRICT": "",
+                               "COLUMNS": "400", **env}, capture_output=True, text=True)
     results = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
-        child = next(iter(case), None)
-        kind = "passed" if child is None or child.tag in ("system-out", "system-err") else child.tag
-        results[case.get("name")] = (kind, "" if kind == "passed" else f"{child.get('message')}\n{child.text}")
-    return results, proc.stdout + proc.stderr
+        children = [c for c in case if c.tag not in ("system-out", "system-err")]
+        kind = children[-1].tag if children else "passed"  # a teardown error follows the call's result
+        results[case.get("name")] = (kind, "\n".join(f"{c.get('message')}\n{c.text}" for c in children))
+    return Synthetic(results, proc.stdout + proc.stderr, proc.returncode)
 
 
 def test_each_vm_test_reports_what_the_guest_saw(tmp_path):
-    results, output = run_synthetic(tmp_path, SPANK_SIF_VM="force")
-    assert output.count("spank-sif: running 9 vm test(s)") == 1, output  # one guest run for all of them
-    kinds = {name: kind for name, (kind, _) in results.items()}
-    assert kinds == {
+    run = run_synthetic(tmp_path, SPANK_SIF_VM="force")
+    assert run.output.count("spank-sif: running 12 vm test(s)") == 1, run.output  # one guest run for all
+    results = run.results
+    assert run.kinds() == {
         "test_passes": "passed", "test_fails": "failure", "test_skips": "skipped", "test_xfails": "skipped",
         "test_errors_in_setup": "failure", "test_skipif_is_evaluated_inside": "passed",
         "test_parametrized[1]": "passed", "test_parametrized[2]": "failure", "test_sleeps": "passed",
-        "test_on_the_host": "passed"}, output
+        "test_errors_in_teardown": "failure", "test_skips_in_setup": "skipped",
+        "test_teardown_misbehaves": "passed", "test_on_the_host": "passed"}, run.output
+    assert run.returncode == 1
     # the message (pytest's one-line summary) is the inner cause; the text has the inner traceback
     assert results["test_fails"][1].startswith("failed inside the VM: AssertionError: inner failure text")
     assert 'assert 6 * 7 == 43, "inner failure text"' in results["test_fails"][1]
@@ -170,32 +243,168 @@ def test_each_vm_test_reports_what_the_guest_saw(tmp_path):
     assert "inner xfail reason" in results["test_xfails"][1]
     assert "error in setup inside the VM: RuntimeError: fixture broke inside" in results["test_errors_in_setup"][1]
     assert "fixture broke inside" in results["test_errors_in_setup"][1]
+    # a passed call does not make a pass when the teardown failed; a skip in setup is a skip
+    assert run.summary("test_errors_in_teardown").endswith(
+        "test_errors_in_teardown - error in teardown inside the VM: RuntimeError: teardown broke inside")
+    assert "inner setup skip reason" in results["test_skips_in_setup"][1]
 
 
 def test_deselected_vm_tests_start_nothing(tmp_path):
-    results, output = run_synthetic(tmp_path, "-m", "not vm", SPANK_SIF_VM="force")
-    assert set(results) == {"test_on_the_host"} and "spank-sif: running" not in output, output
+    run = run_synthetic(tmp_path, "-m", "not vm", SPANK_SIF_VM="force")
+    assert set(run.results) == {"test_on_the_host"} and "spank-sif: running" not in run.output, run.output
 
 
 def test_vm_tests_can_be_switched_off(tmp_path):
-    if dmcrypt_missing() is None:
-        pytest.skip("this machine has dm-crypt: vm tests run natively whatever SPANK_SIF_VM says")
-    results, output = run_synthetic(tmp_path, "-k", "passes or on_the_host", SPANK_SIF_VM="off")
-    assert results["test_on_the_host"][0] == "passed" and "spank-sif: running" not in output, output
-    assert results["test_passes"][0] == "skipped" and "SPANK_SIF_VM=off" in results["test_passes"][1]
+    run = run_synthetic(tmp_path, "-k", "passes or on_the_host", SPANK_SIF_VM="off")
+    assert run.results["test_on_the_host"][0] == "passed" and "spank-sif: running" not in run.output, run.output
+    kind, message = run.results["test_passes"]
+    if dmcrypt_missing() is None:  # off changes nothing where dm-crypt works: the test ran here, not in a VM
+        assert kind == "failure" and "SPANK_SIF_IN_VM" in message, run.output
+    else:
+        assert kind == "skipped" and "SPANK_SIF_VM=off" in message, run.output
 
 
 def test_a_vm_run_that_gives_no_result_fails_with_its_output(tmp_path):
-    results, output = run_synthetic(tmp_path, "-k", "sleeps or passes", SPANK_SIF_VM="force",
-                                    SPANK_SIF_VM_TIMEOUT="10", SPANK_SIF_SYNTHETIC_SLEEP="120")
-    kind, message = results["test_sleeps"]
-    assert kind == "failure" and "timed out after 10 s" in message and "test_synthetic.py" in message, output
-    assert results["test_passes"][0] == "passed"  # results the guest wrote before the timeout still count
+    run = run_synthetic(tmp_path, "-k", "sleeps or passes", SPANK_SIF_VM="force",
+                        SPANK_SIF_VM_TIMEOUT="15", SPANK_SIF_SYNTHETIC_SLEEP="600")
+    kind, message = run.results["test_sleeps"]
+    assert kind == "failure" and "test_synthetic.py" in message, run.output  # with the end of the output
+    assert run.summary("test_sleeps").endswith(
+        "test_sleeps - no complete result from the VM (it recorded: setup passed): the VM run timed out "
+        "after 15 s (SPANK_SIF_VM_TIMEOUT); run directory " + str(tmp_path / "basetemp" / "vm0")), run.output
+    assert run.results["test_passes"][0] == "passed"  # results the guest wrote before the timeout still count
 
 
 def test_a_vm_that_cannot_start_fails_every_vm_test(tmp_path):
-    results, output = run_synthetic(tmp_path, "-k", "passes or on_the_host", SPANK_SIF_VM="force",
-                                    SPANK_SIF_VM_LAUNCHER="vng", SPANK_SIF_VM_KERNEL=str(tmp_path / "no-kernel"))
-    assert results["test_on_the_host"][0] == "passed", output
-    kind, message = results["test_passes"]
+    run = run_synthetic(tmp_path, "-k", "passes or on_the_host", SPANK_SIF_VM="force",
+                        SPANK_SIF_VM_LAUNCHER="vng", SPANK_SIF_VM_KERNEL=str(tmp_path / "no-kernel"))
+    assert run.results["test_on_the_host"][0] == "passed", run.output
+    kind, message = run.results["test_passes"]
     assert kind == "failure" and "cannot start the VM" in message and "no-kernel" in message
+
+
+# A guest run that goes wrong while or after its tests pass: each turns the affected host tests red
+# with a one-line reason (the short test summary line), and the host run exits non-zero.
+
+def test_a_run_that_times_out_in_a_fixture_teardown_fails_that_test(tmp_path):
+    run = run_synthetic(tmp_path, "-k", "passes or teardown_misbehaves", SPANK_SIF_VM="force",
+                        SPANK_SIF_VM_TIMEOUT="15", SPANK_SIF_SYNTHETIC_TEARDOWN="hang")
+    assert run.kinds() == {"test_passes": "passed", "test_teardown_misbehaves": "failure"}, run.output
+    assert run.summary("test_teardown_misbehaves").endswith(
+        "test_teardown_misbehaves - no complete result from the VM (it recorded: setup passed, call passed): "
+        "the VM run timed out after 15 s (SPANK_SIF_VM_TIMEOUT); run directory "
+        + str(tmp_path / "basetemp" / "vm0")), run.output
+    assert run.returncode == 1
+
+
+def test_a_guest_that_exits_non_zero_after_every_test_passed_fails_the_run(tmp_path):
+    run = run_synthetic(tmp_path, "-k", "passes or skipif_is", SPANK_SIF_VM="force",
+                        SPANK_SIF_SYNTHETIC_SESSION_ERROR="1")
+    assert run.returncode == 1, run.output
+    # both calls passed; the last proxy's teardown carries the run's failure
+    assert run.kinds() == {"test_passes": "passed", "test_skipif_is_evaluated_inside": "error"}, run.output
+    line = run.summary("test_skipif_is_evaluated_inside")
+    assert re.fullmatch(
+        r"ERROR test_synthetic.py::test_skipif_is_evaluated_inside - the VM run failed outside the vm tests, after "
+        r"each had a complete result: the inner pytest exited with status [1-9]\d*; run directory "
+        + re.escape(str(tmp_path / "basetemp" / "vm0")), line), run.output
+    assert "session finish broke inside" in run.results["test_skipif_is_evaluated_inside"][1]  # the guest's output
+
+
+def test_a_test_whose_teardown_was_never_reported_fails(tmp_path):
+    run = run_synthetic(tmp_path, "-k", "passes or teardown_misbehaves", SPANK_SIF_VM="force",
+                        SPANK_SIF_SYNTHETIC_TEARDOWN="exit")
+    assert run.kinds() == {"test_passes": "passed", "test_teardown_misbehaves": "failure"}, run.output
+    assert run.summary("test_teardown_misbehaves").endswith(
+        "test_teardown_misbehaves - no complete result from the VM (it recorded: setup passed, call passed): "
+        "the inner pytest exited with status 0; run directory " + str(tmp_path / "basetemp" / "vm0")), run.output
+    assert run.returncode == 1
+
+
+def test_a_cut_off_last_line_of_a_timed_out_run_fails_its_test(tmp_path):
+    run = run_synthetic(tmp_path, "-k", "passes or teardown_misbehaves", SPANK_SIF_VM="force",
+                        SPANK_SIF_VM_TIMEOUT="15", SPANK_SIF_SYNTHETIC_TEARDOWN="cut-and-hang")
+    assert run.kinds() == {"test_passes": "passed", "test_teardown_misbehaves": "failure"}, run.output
+    assert run.summary("test_teardown_misbehaves").endswith(
+        "test_teardown_misbehaves - no complete result from the VM (it recorded: setup passed, call passed, "
+        "then a line cut off when the VM was stopped): the VM run timed out after 15 s (SPANK_SIF_VM_TIMEOUT); "
+        "run directory " + str(tmp_path / "basetemp" / "vm0")), run.output
+    assert run.returncode == 1
+
+
+def test_a_cut_off_line_anywhere_else_fails_every_vm_test_of_the_run(tmp_path):
+    run = run_synthetic(tmp_path, "-k", "passes or teardown_misbehaves or on_the_host", SPANK_SIF_VM="force",
+                        SPANK_SIF_SYNTHETIC_TEARDOWN="cut")
+    assert run.kinds() == {"test_passes": "failure", "test_teardown_misbehaves": "failure",
+                           "test_on_the_host": "passed"}, run.output
+    for name in ("test_passes", "test_teardown_misbehaves"):
+        assert re.search(rf"::{name} - line 6 of 7 of the VM's results.jsonl is unreadable, so no result of this "
+                         r"VM run can be trusted \(the inner pytest exited with status 0\): '\{\"nodeid\": ",
+                         run.summary(name)), run.output
+    assert run.returncode == 1
+
+
+def test_strict_mode_fails_every_test_that_did_not_run(tmp_path):
+    run = run_synthetic(tmp_path, "-k", "skips or xfails or passes", SPANK_SIF_VM="force", SPANK_SIF_STRICT="1")
+    assert run.kinds() == {"test_passes": "passed", "test_skips": "failure", "test_xfails": "failure",
+                           "test_skips_in_setup": "failure"}, run.output
+    assert "inner skip reason" in run.summary("test_skips") and "strict mode" in run.summary("test_skips")
+    assert "xfailed in strict mode" in run.summary("test_xfails") and "inner xfail reason" in run.summary("test_xfails")
+    assert "inner setup skip reason" in run.summary("test_skips_in_setup")
+    off = run_synthetic(tmp_path / "off", "-k", "passes", SPANK_SIF_VM="off", SPANK_SIF_STRICT="1")
+    if dmcrypt_missing() is not None:  # here SPANK_SIF_VM=off would skip the vm tests: in strict mode it fails them
+        assert off.kinds() == {"test_passes": "failure"} and "SPANK_SIF_VM=off" in off.summary("test_passes")
+    assert off.returncode == 1
+
+
+# The rules behind those verdicts, on report lines written here (cheaper than a nested run per rule).
+
+def report_line(nodeid: str, when: str, outcome: str = "passed", xfail: str | None = None) -> str:
+    import json
+    return json.dumps({"nodeid": nodeid, "when": when, "outcome": outcome, "text": f"{when} text",
+                       "crash": None, "xfail": xfail})
+
+
+def whole(nodeid: str, call: str | None = "passed", teardown: str = "passed") -> list[str]:
+    setup = report_line(nodeid, "setup", "passed" if call else "skipped")
+    return [setup, *([report_line(nodeid, "call", call)] if call else []), report_line(nodeid, "teardown", teardown)]
+
+
+def judged(lines: list[str], returncode: int | None = 0, timed_out: bool = False):
+    from vm.plugin import GuestEnd, judge
+    outcomes, run_failure = judge(["a", "b"], lines, GuestEnd(returncode, timed_out, "how it ended"))
+    return {nodeid: o.kind + ("" if o.complete else " (incomplete)") for nodeid, o in outcomes.items()}, run_failure
+
+
+def test_a_pass_needs_setup_call_and_teardown_passed():
+    assert judged(whole("a") + whole("b")) == ({"a": "passed", "b": "passed"}, None)
+    assert judged(whole("a") + whole("b", teardown="failed"), returncode=1) == ({"a": "passed", "b": "failed"}, None)
+    assert judged(whole("a") + whole("b")[:2]) == ({"a": "passed", "b": "failed (incomplete)"}, None)
+    assert judged(whole("a") + whole("b")[:1] + whole("b")[2:]) == ({"a": "passed", "b": "failed (incomplete)"}, None)
+    assert judged(whole("a", call=None) + whole("b", call=None)) == ({"a": "skipped", "b": "skipped"}, None)
+
+
+def test_a_failed_run_fails_the_tests_without_a_complete_result_or_else_the_run():
+    assert judged(whole("a") + whole("b")[:2], returncode=None, timed_out=True) == (
+        {"a": "passed", "b": "failed (incomplete)"}, None)
+    assert judged(whole("a", call=None) + whole("b")[:1], returncode=None, timed_out=True) == (
+        {"a": "skipped", "b": "failed (incomplete)"}, None)
+    assert judged(whole("a", call="failed") + whole("b"), returncode=1) == ({"a": "failed", "b": "passed"}, None)
+    for returncode, timed_out in ((1, False), (3, False), (None, False), (None, True), (-9, False)):
+        outcomes, run_failure = judged(whole("a") + whole("b"), returncode, timed_out)
+        assert outcomes == {"a": "passed", "b": "passed"} and run_failure.endswith(": how it ended")
+    assert judged(whole("a", call="failed") + whole("b"), returncode=3)[1].endswith(": how it ended")
+
+
+def test_only_the_cut_off_last_line_of_a_timed_out_run_is_tolerated():
+    cut = whole("b")[2][:30]
+    assert judged(whole("a") + whole("b")[:2] + [cut], returncode=None, timed_out=True) == (
+        {"a": "passed", "b": "failed (incomplete)"}, None)
+    assert judged(whole("a") + whole("b")[:2] + ['{"nod'], returncode=None, timed_out=True) == (
+        {"a": "passed", "b": "failed (incomplete)"}, None)
+    everything_fails = ({"a": "failed (incomplete)", "b": "failed (incomplete)"}, None)
+    assert judged(whole("a") + whole("b")[:2] + [cut], returncode=None) == everything_fails  # a crash, no timeout
+    assert judged(whole("a") + whole("b") + [cut], returncode=0) == everything_fails
+    assert judged(whole("a") + [cut] + whole("b"), returncode=None, timed_out=True) == everything_fails
+    assert judged(whole("a") + ['{"nodeid": "b"}'] + whole("b")) == everything_fails  # whole but not a report
+    assert judged(whole("a") + [""] + whole("b")) == everything_fails

@@ -2,9 +2,13 @@
 
 On a machine without dm-crypt, every selected ``@pytest.mark.vm`` test is replaced at collection time by
 a proxy with the same node id. The first proxy to run boots ONE VM which runs all of them with the same
-Python (``pytest <node ids>``); each proxy then reports what the VM saw: passed, failed (with the inner
-report), skipped or xfailed (with the reason), or failed with the end of the VM's output when the VM
-produced no result for it. Inside the VM, or on a machine with dm-crypt, vm tests run as they are.
+Python (``pytest <node ids>``); the guest appends one JSON line per report (setup, call, teardown) to
+results.jsonl, and each proxy then reports what the VM saw: passed (setup, call and teardown passed),
+failed (with the inner report), skipped or xfailed (with the reason), or failed with a one-line reason
+and the end of the VM's output when the VM gave no complete result for it (timeout, crash, an exit
+before its teardown was recorded) or when results.jsonl cannot be trusted. A guest run that fails
+outside the tests (an error in a session hook) fails the teardown of the last proxy. Inside the VM, or
+on a machine with dm-crypt, vm tests run as they are.
 
 Environment: ``SPANK_SIF_VM`` = ``auto`` (default) | ``off`` (skip vm tests unless this machine has
 dm-crypt) | ``force`` (use the VM even if this machine has dm-crypt); ``SPANK_SIF_VM_TIMEOUT`` (seconds
@@ -12,6 +16,7 @@ for the whole VM run, default 1800). See docs/testing.md.
 """
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +78,11 @@ def pytest_collection_modifyitems(session, config, items):
 class VmOutcome:
     kind: str  # passed, failed, skipped, xfailed
     text: str = ""
+    complete: bool = True  # False: the guest gave no complete result (the text says how the run ended)
 
 
 class VmTestFailure(Exception):
-    """The test failed inside the VM, or the VM gave no result for it."""
+    """The test failed inside the VM, or the VM gave no complete result for it."""
 
 
 class VmProxy(pytest.Item):
@@ -109,10 +115,23 @@ class VmProxy(pytest.Item):
         if outcome.kind == "failed":
             raise VmTestFailure(outcome.text)
 
-    def repr_failure(self, excinfo, style=None):
-        if excinfo.errisinstance(VmTestFailure):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style)
+    def teardown(self):
+        # A guest run can fail outside every test (an error in a session hook, a hang after the last
+        # test): the last proxy reports it as its teardown error, the way pytest reports an error in a
+        # session fixture's teardown, so that the host run cannot end green.
+        failure = self.runner.run_failure
+        if failure and self.nodeid == self.runner.nodeids[-1]:
+            raise VmTestFailure(failure)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A proxy's failure is the VM's text (inner traceback, or the reason and the VM's output), never a
+    traceback of the harness."""
+    report = yield
+    if isinstance(item, VmProxy) and call.excinfo and call.excinfo.errisinstance(VmTestFailure):
+        report.longrepr = str(call.excinfo.value)
+    return report
 
 
 class VmRunner:
@@ -121,14 +140,17 @@ class VmRunner:
     def __init__(self, config, nodeids: list[str], skip_reason: str | None):
         self.config, self.nodeids, self.skip_reason = config, nodeids, skip_reason
         self.outcomes: dict[str, VmOutcome] | None = None
-        self.missing = VmOutcome("failed", "the VM did not run")
+        self.run_failure: str | None = None  # the guest run failed although every test has a result
 
     def outcome(self, nodeid: str) -> VmOutcome:
         if self.skip_reason:
             return VmOutcome("skipped", self.skip_reason)
         if self.outcomes is None:
             self.outcomes = self.run()
-        return self.outcomes.get(nodeid) or self.missing
+        return self.outcomes[nodeid]
+
+    def fail_all(self, why: str) -> dict[str, VmOutcome]:
+        return {nodeid: VmOutcome("failed", why, complete=False) for nodeid in self.nodeids}
 
     def run(self) -> dict[str, VmOutcome]:
         rundir = self.config._tmp_path_factory.mktemp("vm")
@@ -137,8 +159,7 @@ class VmRunner:
         try:
             cache = prepare_host_for_fixtures()
         except Exception as e:  # reported on every proxy: the tests cannot run without the tools
-            self.missing = VmOutcome("failed", f"could not build the reference tools before booting: {e}")
-            return {}
+            return self.fail_all(f"could not build the reference tools before booting: {e}")
         inifile = ["-c", str(self.config.inipath)] if self.config.inipath else []
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-ra", *inifile, "--rootdir",
                 str(self.config.rootpath), "--junitxml", str(rundir / "vm.xml"), *self.nodeids]
@@ -147,14 +168,16 @@ class VmRunner:
             vm = run_in_vm(argv, rundir=rundir, rwdirs=(cache,), timeout=timeout, cwd=self.config.rootpath,
                            env={RESULTS_VARIABLE: str(results), **INNER_ENVIRONMENT})
         except VmUnavailable as e:
-            self.missing = VmOutcome("failed", f"cannot start the VM: {e} (or set {MODE_VARIABLE}=off)")
-            return {}
-        why = (f"the VM run timed out after {timeout:.0f} s ({TIMEOUT_VARIABLE})" if vm.timed_out
-               else "the VM gave no result for this test")
-        self.say(f"spank-sif: VM run finished in {vm.seconds:.0f} s: " + (
-            f"inner pytest exit status {vm.returncode}" if vm.returncode is not None else why))
-        self.missing = VmOutcome("failed", f"{why}; run directory {rundir}\n{vm.tail()}")
-        return outcomes_from(results)
+            return self.fail_all(f"cannot start the VM: {e} (or set {MODE_VARIABLE}=off)")
+        end = GuestEnd.of(vm, timeout)
+        self.say(f"spank-sif: VM run finished in {vm.seconds:.0f} s: {end.why}")
+        lines = results.read_text(errors="replace").splitlines() if results.exists() else []
+        outcomes, run_failure = judge(self.nodeids, lines, end)
+        where = f"; run directory {rundir}\n{vm.tail()}"  # the first line stays the one-line reason
+        if run_failure:
+            self.run_failure = run_failure + where
+        return {nodeid: o if o.complete else VmOutcome(o.kind, o.text + where, complete=False)
+                for nodeid, o in outcomes.items()}
 
     def say(self, line: str) -> None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
@@ -171,36 +194,116 @@ def prepare_host_for_fixtures() -> Path:
     return fixtures.prepare_cache()
 
 
-def outcomes_from(results: Path) -> dict[str, VmOutcome]:
-    """The test reports the VM wrote (one JSON line per setup/call/teardown), one outcome per test."""
-    reports: dict[str, list[dict]] = {}
-    if results.exists():
-        for line in results.read_text().splitlines():
-            try:
-                report = json.loads(line)
-            except ValueError:
-                continue  # the last line, cut short when the VM was stopped
-            reports.setdefault(report["nodeid"], []).append(report)
-    return {nodeid: outcome for nodeid, rs in reports.items() if (outcome := outcome_of(rs))}
+@dataclass
+class GuestEnd:
+    """How the guest run ended."""
+    returncode: int | None  # the inner pytest's exit status; None: it never finished
+    timed_out: bool
+    why: str  # in words, for failure messages
+
+    @classmethod
+    def of(cls, vm, timeout: float) -> "GuestEnd":
+        if vm.timed_out:
+            why = f"the VM run timed out after {timeout:.0f} s ({TIMEOUT_VARIABLE})"
+        elif vm.returncode is None:
+            why = "the VM run ended without the inner pytest's exit status (boot failure or guest crash)"
+        else:
+            why = f"the inner pytest exited with status {vm.returncode}"
+        return cls(vm.returncode, vm.timed_out, why)
 
 
-def outcome_of(reports: list[dict]) -> VmOutcome | None:
-    """None when the test did not finish (the run's failure then explains why)."""
+# --------------------------------------------------------------------------- judging the guest's reports
+# Fail closed: a test passes only when the guest recorded its setup, call and teardown as passed, and
+# the results file is trusted only when every line of it is readable.
+
+PHASES = ("setup", "call", "teardown")
+OUTCOMES = ("passed", "failed", "skipped")
+REPORT_KEYS = {"nodeid", "when", "outcome", "text", "crash", "xfail"}  # what ResultRecorder writes
+
+
+def judge(nodeids: list[str], lines: list[str], end: GuestEnd) -> tuple[dict[str, VmOutcome], str | None]:
+    """One outcome per test from the guest's report lines (results.jsonl) and how its run ended, and
+    the run's own failure when no test's outcome shows it (else None).
+
+    Only the last line of a timed-out run may be unreadable: it was being written when the VM was
+    stopped. Any other unreadable line means the file cannot be trusted, so every test fails."""
+    reports: dict[str, list[dict]] = {nodeid: [] for nodeid in nodeids}
+    cut_off = None
+    for number, line in enumerate(lines, 1):
+        report = parse_report(line)
+        if report is None and number == len(lines) and end.timed_out:
+            cut_off = cut_nodeid(line)
+        elif report is None:
+            why = (f"line {number} of {len(lines)} of the VM's results.jsonl is unreadable, so no result of "
+                   f"this VM run can be trusted ({end.why}): {line[:100]!r}")
+            return {nodeid: VmOutcome("failed", why, complete=False) for nodeid in nodeids}, None
+        elif report["nodeid"] in reports:
+            reports[report["nodeid"]].append(report)
+    outcomes = {nodeid: outcome_of(rs, end, cut=nodeid == cut_off) for nodeid, rs in reports.items()}
+    return outcomes, unexplained(end, outcomes)
+
+
+def parse_report(line: str) -> dict | None:
+    """One report the guest wrote, or None if the line is not a whole, well-formed report."""
+    try:
+        report = json.loads(line)
+    except ValueError:
+        return None
+    wellformed = (isinstance(report, dict) and REPORT_KEYS <= report.keys() and isinstance(report["nodeid"], str)
+                  and report["when"] in PHASES and report["outcome"] in OUTCOMES)
+    return report if wellformed else None
+
+
+def cut_nodeid(line: str) -> str | None:
+    """The node id at the start of a cut-off report line, if that much of it was written."""
+    match = re.match(r'\{"nodeid": ("(?:[^"\\]|\\.)*")', line)
+    return json.loads(match.group(1)) if match else None
+
+
+def outcome_of(reports: list[dict], end: GuestEnd, cut: bool) -> VmOutcome:
+    """One test's outcome: a result is complete only with its teardown report (the last one pytest
+    makes), and a pass needs setup, call and teardown passed; a skip in setup has no call."""
+    phases = {r["when"]: r for r in reports}
+    complete = "teardown" in phases and not cut
     failed = [r for r in reports if r["outcome"] == "failed"]
     if failed:
-        return VmOutcome("failed", "\n".join(failure_text(r) for r in failed))
-    for r in reports:
-        if r["outcome"] == "skipped":
-            return VmOutcome("xfailed" if r["xfail"] is not None else "skipped", r["xfail"] or r["text"])
-    if any(r["when"] == "call" and r["outcome"] == "passed" for r in reports):
-        return VmOutcome("passed")
-    return None
+        text = "\n".join(failure_text(r) for r in failed)
+        if not complete:
+            text += "\n" + incomplete_text(reports, end, cut)
+        return VmOutcome("failed", text, complete)
+    if complete:
+        skipped = next((r for r in reports if r["outcome"] == "skipped"), None)
+        if skipped:
+            return VmOutcome("xfailed" if skipped["xfail"] is not None else "skipped",
+                             skipped["xfail"] or skipped["text"])
+        if all(phases.get(when, {}).get("outcome") == "passed" for when in PHASES):
+            return VmOutcome("passed")
+    return VmOutcome("failed", incomplete_text(reports, end, cut), complete=False)
+
+
+def incomplete_text(reports: list[dict], end: GuestEnd, cut: bool) -> str:
+    recorded = ", ".join(f"{r['when']} {r['outcome']}" for r in reports) or "nothing"
+    if cut:
+        recorded += ", then a line cut off when the VM was stopped"
+    return f"no complete result from the VM (it recorded: {recorded}): {end.why}"
+
+
+def unexplained(end: GuestEnd, outcomes: dict[str, VmOutcome]) -> str | None:
+    """The failure of a guest run that ended badly although every test has a complete result: an
+    error outside the tests (session hooks, a hang after the last test) must still fail the host run."""
+    if end.returncode == 0 and not end.timed_out:
+        return None
+    if not all(o.complete for o in outcomes.values()):
+        return None  # those tests fail, saying how the run ended
+    if end.returncode == 1 and any(o.kind == "failed" for o in outcomes.values()):
+        return None  # pytest's status when tests failed
+    return f"the VM run failed outside the vm tests, after each had a complete result: {end.why}"
 
 
 def failure_text(report: dict) -> str:
     """The inner report, headed by a line pytest's short summary shows: where it failed and why."""
     where = "failed" if report["when"] == "call" else f"error in {report['when']}"
-    cause = (report["crash"] or "").partition("\n")[0]
+    cause = (report["crash"] or report["text"]).partition("\n")[0]  # a bare message has no crash line
     return f"{where} inside the VM: {cause}\n{report['text']}"
 
 
@@ -222,8 +325,14 @@ class ResultRecorder:
         crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)
         record = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome, "text": text,
                   "crash": crash, "xfail": getattr(report, "wasxfail", None)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # One write per line: a VM stopped mid-write cuts at most the last line, which the host detects.
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while line:
+                line = line[os.write(fd, line):]
+        finally:
+            os.close(fd)
 
 
 def pytest_configure(config):

@@ -10,8 +10,9 @@ import pytest
 import reftools
 from engine_helpers import (OTHER, USER, cli, ensure_users, leftovers, plain_image, world_dir,
                             write_config)
-from spank_sif import dmcrypt, lifecycle, sif
+from spank_sif import lifecycle, sif
 from spank_sif.config import SiteConfig
+from vm.capability import dmcrypt_missing
 
 pytestmark = pytest.mark.root
 
@@ -172,17 +173,22 @@ def test_other_users_image_is_refused(site):
     assert cli("close", site["target"], "--config", site["config"]).returncode == 0
 
 
-def test_encrypted_image_on_a_kernel_without_dm_crypt(site, tmp_path):
-    if dmcrypt._control_works():
-        pytest.skip("this kernel has device-mapper: the VM tests cover encrypted images")
+def test_encrypted_image_on_this_kernel(site, tmp_path):
+    """Without dm-crypt (these machines, CI): refused in one line. With it (asked of the kernel, not of
+    the engine), the same image opens and closes. Either way nothing is left behind."""
     sqfs = reftools.make_squashfs(tmp_path / "t", tmp_path / "t.sqfs", {"a": b"a" * 5000})
     vol = reftools.luks_encrypt_payload(sqfs, tmp_path / "t.luks", b"pass")
     image = reftools.sifref_build(site["dir"] / "enc.sif", vol, fs="encrypted")
     image.chmod(0o644)
     proc = cli("open", image, site["target"], "--user", USER, "--config", site["config"],
                env={"APPTAINER_ENCRYPTION_PASSPHRASE": "pass"})
-    assert proc.returncode == 7, proc.stderr
-    assert "this node's kernel lacks device-mapper/dm-crypt" in proc.stderr and proc.stderr.count("\n") == 1
+    if dmcrypt_missing() is None:
+        assert proc.returncode == 0, proc.stderr
+        assert (site["target"] / "a").read_bytes() == b"a" * 5000
+        assert cli("close", site["target"], "--config", site["config"]).returncode == 0
+    else:
+        assert proc.returncode == 7, proc.stderr
+        assert "this node's kernel lacks device-mapper/dm-crypt" in proc.stderr and proc.stderr.count("\n") == 1
     assert leftovers(image, site["state"], site["target"]) == []
 
 

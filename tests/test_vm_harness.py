@@ -408,3 +408,23 @@ def test_only_the_cut_off_last_line_of_a_timed_out_run_is_tolerated():
     assert judged(whole("a") + [cut] + whole("b"), returncode=None, timed_out=True) == everything_fails
     assert judged(whole("a") + ['{"nodeid": "b"}'] + whole("b")) == everything_fails  # whole but not a report
     assert judged(whole("a") + [""] + whole("b")) == everything_fails
+
+
+def test_strict_mode_also_fails_skipped_modules_and_xpasses(tmp_path):
+    import sys
+    tests_dir = Path(__file__).resolve().parent
+    (tmp_path / "conftest.py").write_text(f"import sys\nsys.path.insert(0, {str(tests_dir)!r})\n"
+                                          "pytest_plugins = ['strict_mode']\n")
+    (tmp_path / "test_module_skip.py").write_text(
+        "import pytest\npytest.skip('module skip reason', allow_module_level=True)\n")
+    (tmp_path / "test_xpass.py").write_text(
+        "import pytest\n@pytest.mark.xfail(reason='xpass reason')\ndef test_xpasses():\n    pass\n")
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--continue-on-collection-errors"]
+    env = {**os.environ, "COLUMNS": "400"}
+    lenient = subprocess.run(argv, cwd=tmp_path, env={**env, "SPANK_SIF_STRICT": ""}, capture_output=True, text=True)
+    assert lenient.returncode == 0 and "1 skipped, 1 xpassed" in lenient.stdout, lenient.stdout
+    strict = subprocess.run(argv, cwd=tmp_path, env={**env, "SPANK_SIF_STRICT": "1"}, capture_output=True, text=True)
+    assert strict.returncode == 1 and "1 failed, 1 error" in strict.stdout, strict.stdout
+    assert ("ERROR test_module_skip.py - skipped at collection in strict mode (SPANK_SIF_STRICT=1), where every "
+            "test must run: module skip reason") in strict.stdout
+    assert "FAILED test_xpass.py::test_xpasses - xpassed in strict mode" in strict.stdout

@@ -11,7 +11,7 @@ outside the tests (an error in a session hook) fails the teardown of the last pr
 on a machine with dm-crypt, vm tests run as they are.
 
 Environment: ``SPANK_SIF_VM`` = ``auto`` (default) | ``off`` (skip vm tests unless this machine has
-dm-crypt) | ``force`` (use the VM even if this machine has dm-crypt); ``SPANK_SIF_VM_TIMEOUT`` (seconds
+dm-crypt; a failure in strict mode) | ``force`` (use the VM even if this machine has dm-crypt); ``SPANK_SIF_VM_TIMEOUT`` (seconds
 for the whole VM run, default 1800). See docs/testing.md.
 """
 import json

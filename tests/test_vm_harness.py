@@ -408,6 +408,8 @@ def test_only_the_cut_off_last_line_of_a_timed_out_run_is_tolerated():
     assert judged(whole("a") + [cut] + whole("b"), returncode=None, timed_out=True) == everything_fails
     assert judged(whole("a") + ['{"nodeid": "b"}'] + whole("b")) == everything_fails  # whole but not a report
     assert judged(whole("a") + [""] + whole("b")) == everything_fails
+    damaged = whole("b")[0].replace("setup text", "set\ufffdup text")  # valid JSON, but not what was written
+    assert judged(whole("a") + [damaged] + whole("b")[1:]) == everything_fails
 
 
 def test_strict_mode_also_fails_skipped_modules_and_xpasses(tmp_path):

@@ -11,8 +11,8 @@ outside the tests (an error in a session hook) fails the teardown of the last pr
 on a machine with dm-crypt, vm tests run as they are.
 
 Environment: ``SPANK_SIF_VM`` = ``auto`` (default) | ``off`` (skip vm tests unless this machine has
-dm-crypt; a failure in strict mode) | ``force`` (use the VM even if this machine has dm-crypt); ``SPANK_SIF_VM_TIMEOUT`` (seconds
-for the whole VM run, default 1800). See docs/testing.md.
+dm-crypt; failures in strict mode) | ``force`` (use the VM even if this machine has dm-crypt);
+``SPANK_SIF_VM_TIMEOUT`` (seconds for the whole VM run, default 1800). See docs/testing.md.
 """
 import json
 import os
@@ -245,6 +245,8 @@ def judge(nodeids: list[str], lines: list[str], end: GuestEnd) -> tuple[dict[str
 
 def parse_report(line: str) -> dict | None:
     """One report the guest wrote, or None if the line is not a whole, well-formed report."""
+    if not line.isascii():  # json.dumps writes ASCII only: anything else is damage (NUL bytes, garbage)
+        return None
     try:
         report = json.loads(line)
     except ValueError:

@@ -1,5 +1,6 @@
 """The node engine end to end on the host kernel (loop + squashfs, no device-mapper): plain images
 through ``spank-sif open/list/close/epilog/cleanup``, every refusal, and crashes between steps."""
+import contextlib
 import json
 import os
 import shutil
@@ -177,7 +178,8 @@ def test_encrypted_image_on_this_kernel(site, tmp_path):
     """Without dm-crypt (these machines, CI): refused in one line. With it (asked of the kernel, not of
     the engine), the same image opens and closes. Either way nothing is left behind."""
     sqfs = reftools.make_squashfs(tmp_path / "t", tmp_path / "t.sqfs", {"a": b"a" * 5000})
-    vol = reftools.luks_encrypt_payload(sqfs, tmp_path / "t.luks", b"pass")
+    with contextlib.chdir(tmp_path):  # cryptsetup reencrypt writes a temporary header in its cwd
+        vol = reftools.luks_encrypt_payload(sqfs, tmp_path / "t.luks", b"pass")
     image = reftools.sifref_build(site["dir"] / "enc.sif", vol, fs="encrypted")
     image.chmod(0o644)
     proc = cli("open", image, site["target"], "--user", USER, "--config", site["config"],

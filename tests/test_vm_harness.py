@@ -421,11 +421,13 @@ def test_strict_mode_also_fails_skipped_modules_and_xpasses(tmp_path):
         "import pytest\npytest.skip('module skip reason', allow_module_level=True)\n")
     (tmp_path / "test_xpass.py").write_text(
         "import pytest\n@pytest.mark.xfail(reason='xpass reason')\ndef test_xpasses():\n    pass\n")
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--continue-on-collection-errors"]
-    env = {**os.environ, "COLUMNS": "400"}
-    lenient = subprocess.run(argv, cwd=tmp_path, env={**env, "SPANK_SIF_STRICT": ""}, capture_output=True, text=True)
+    def pytest(strict: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA",
+                               "--continue-on-collection-errors"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "400", "SPANK_SIF_STRICT": strict}, check=False)
+    lenient = pytest("")
     assert lenient.returncode == 0 and "1 skipped, 1 xpassed" in lenient.stdout, lenient.stdout
-    strict = subprocess.run(argv, cwd=tmp_path, env={**env, "SPANK_SIF_STRICT": "1"}, capture_output=True, text=True)
+    strict = pytest("1")
     assert strict.returncode == 1 and "1 failed, 1 error" in strict.stdout, strict.stdout
     assert ("ERROR test_module_skip.py - skipped at collection in strict mode (SPANK_SIF_STRICT=1), where every "
             "test must run: module skip reason") in strict.stdout

@@ -251,7 +251,7 @@ def parse_report(line: str) -> dict | None:
         report = json.loads(line)
     except ValueError:
         return None
-    wellformed = (isinstance(report, dict) and REPORT_KEYS <= report.keys() and isinstance(report["nodeid"], str)
+    wellformed = (isinstance(report, dict) and report.keys() >= REPORT_KEYS and isinstance(report["nodeid"], str)
                   and report["when"] in PHASES and report["outcome"] in OUTCOMES)
     return report if wellformed else None
 

@@ -7,7 +7,14 @@ It is at once the plugin Slurm dlopen()s and the extension module Python imports
 link libpython with a DT_RPATH (searched before LD_LIBRARY_PATH, unlike DT_RUNPATH), and no
 limited API (the embedding code needs the full one; it would also name the file ``.abi3.so``).
 Headers needed: Slurm's ``slurm/spank.h`` (Debian: libslurm-dev) and Python's (python3-dev).
+
+The object is loaded into root daemons (every slurmstepd, the job epilog), so it is built with the
+usual hardening whatever the interpreter's own flags say (``HARDENING_*``: fortified libc calls,
+stack protector, a read-only GOT bound at load time), and exports only what its two loaders look up
+(``exports.map``): Slurm dlsym()s the SPANK symbols, Python the module's ``PyInit__plugin``. The
+``shim_*`` functions need no export: cffi's generated code calls them directly, in the same object.
 """
+import hashlib
 import os
 import sys
 import sysconfig
@@ -15,6 +22,10 @@ import sysconfig
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXPORTS = os.path.join(HERE, "exports.map")
+# -U first: an interpreter's CFLAGS may define another level. Fortify needs optimisation (-O2).
+HARDENING_COMPILE = ["-O2", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong"]
+HARDENING_LINK = ["-Wl,-z,relro", "-Wl,-z,now", "-Wl,--version-script=" + EXPORTS]
 
 CDEF = """
 typedef struct spank_handle *spank_t;
@@ -29,6 +40,7 @@ static const int ESPANK_SUCCESS, ESPANK_ERROR, ESPANK_BAD_ARG, ESPANK_NOT_TASK, 
 extern "Python" int py_dispatch(const char *cb, spank_t sp, int ac, char **av);
 
 void log_line(int level, const char *msg);
+void log_private(const char *msg);
 void user_line(const char *msg);
 void shim_python_broken(void);
 int shim_context(void);
@@ -56,10 +68,11 @@ from spank_sif._plugin import ffi, lib
 import sys
 
 def _log(where, exc_info):
+    # Only to slurmd's log (log_private): in a task, a logged error would also reach the user.
     import traceback  # only for bugs: every job step would pay for importing it
     text = "".join(traceback.format_exception(*exc_info))
     for line in text.splitlines():
-        lib.log_line(0, ("%s: %s" % (where, line)).encode("utf-8", "replace"))
+        lib.log_private(("%s: %s" % (where, line)).encode("unicode_escape"))  # printable ASCII
 
 try:
     import spank_sif.callbacks as _callbacks   # imports everything later callbacks need, as root
@@ -105,14 +118,19 @@ def make_builder() -> FFI:
     # The paths go into the C text, not define_macros: building for another interpreter must change
     # the generated file, or a build directory left by an earlier build hands back its plugin,
     # baked for that other environment.
+    # The flags and the export list too: a build directory must never hand back an object built
+    # without them.
+    with open(EXPORTS, "rb") as f:
+        exports = hashlib.sha256(f.read()).hexdigest()[:16]
     paths = (f"#define SHIM_LIBPYTHON {_c_string(os.path.join(libdir, soname))}\n"
-             f"#define SHIM_PYTHON {_c_string(_python_executable())}\n")
+             f"#define SHIM_PYTHON {_c_string(_python_executable())}\n"
+             f"/* built with {' '.join(HARDENING_COMPILE + HARDENING_LINK[:2])}; exports.map {exports} */\n")
     ffi.set_source(
         "spank_sif._plugin", paths + source,
         libraries=["python" + sysconfig.get_config_var("LDVERSION")],
         library_dirs=[libdir],
-        extra_link_args=["-Wl,--disable-new-dtags", "-Wl,-rpath," + libdir],
-        extra_compile_args=["-Wall", "-Wno-unused-function"],
+        extra_link_args=["-Wl,--disable-new-dtags", "-Wl,-rpath," + libdir, *HARDENING_LINK],
+        extra_compile_args=["-Wall", "-Wno-unused-function", *HARDENING_COMPILE],
         py_limited_api=False,
     )
     return ffi

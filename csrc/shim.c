@@ -16,6 +16,7 @@
  */
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdint.h>
@@ -23,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <syslog.h>
 #include <unistd.h>
 #include <slurm/spank.h>
 
@@ -59,6 +61,7 @@ SPANK_PLUGIN(sif, 1);
 #define SHIM_EXTERN_STEP 0xfffffffcU /* SLURM_EXTERN_CONT in slurm.h */
 
 static int py_dispatch(const char *cb, spank_t sp, int ac, char **av); /* extern "Python" (cdef) */
+int shim_context(void);
 
 /* ---------------------------------------------------------------- logging ---------------------- */
 
@@ -75,6 +78,40 @@ void log_line(int level, const char *msg)
         slurm_debug("sif-image: %s", msg);
     else if (!spank_context)
         fprintf(stderr, "sif-image: %s\n", msg); /* plain Python (tests): nowhere else to go */
+}
+
+/* A line for the admin alone, never for a user's eyes: a bug's traceback, stray output of the
+ * plugin's Python. Once a step's I/O is set up, slurmstepd (and every task it forks) has the job's
+ * stderr as fd 2 and copies its log lines there: errors always, more with srun --slurmd-debug. So
+ * fd 2 points to /dev/null while the line is logged, and it reaches slurmd's log file only. If that
+ * cannot be arranged the line is dropped. srun, sbatch and salloc log to the user's terminal and
+ * nowhere else: there the line goes to the system log. */
+void log_private(const char *msg)
+{
+    int ctx = shim_context(), saved, null;
+    if (ctx == S_CTX_LOCAL || ctx == S_CTX_ALLOCATOR) {
+        syslog(LOG_USER | LOG_ERR, "spank-sif: %s", msg);
+        return;
+    }
+    if (!slurm_error) {
+        fprintf(stderr, "sif-image: %s\n", msg); /* plain Python (tests): nowhere else to go */
+        return;
+    }
+    fflush(stderr);
+    saved = fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3);
+    if (saved < 0) {
+        if (errno == EBADF) /* no fd 2 at all: nothing of the user's to protect */
+            slurm_error("sif-image: %s", msg);
+        return;
+    }
+    null = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (null >= 0 && dup2(null, STDERR_FILENO) == STDERR_FILENO) {
+        slurm_error("sif-image: %s", msg);
+        dup2(saved, STDERR_FILENO);
+    }
+    if (null >= 0)
+        close(null);
+    close(saved);
 }
 
 /* One line for the user: on srun's (or the batch job's) stderr, without Slurm's "error:" prefix. */
@@ -266,7 +303,8 @@ static int ensure_python(int ac, char **av)
         PyEval_SaveThread(); /* cffi takes the GIL around each call */
     }
     if (cffi_start_python() != 0 || python_broken)
-        return start_failed("importing spank_sif.callbacks failed (see the lines above)");
+        return start_failed("importing spank_sif.callbacks failed (the traceback is in slurmd's log, "
+                            "or in the system log where srun, sbatch or salloc ran)");
     state = 1;
     return 0;
 }

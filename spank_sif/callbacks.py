@@ -14,7 +14,13 @@ that left state on this node. On a node (slurmstepd, root) a step goes through:
   job_epilog            sweep whatever the job left on the node (crashed or killed steps).
 
 Everything a user can cause ends as ONE line prefixed ``sif-image:`` on the user's stderr and a
-non-zero task exit; bugs are logged with their traceback in slurmd's log, never shown to users.
+non-zero task exit. A bug's traceback goes to slurmd's log only (``spank.log_private``): once a
+step's I/O is set up, slurmstepd and its tasks copy what they log to the job's stderr (errors
+always, the rest with ``srun --slurmd-debug``), so an ordinary log line in user_init or a task
+callback would reach the user. The user gets the fixed INTERNAL_ERROR line.
+
+The key variables are read into wipeable buffers, never strings, and the process is not dumpable
+while it holds them (``secret.Undumpable``): from reading them until the unlock is done.
 """
 import os
 import sys
@@ -35,6 +41,7 @@ ENV_IMAGE_ROOT = "SIF_IMAGE_ROOT"
 PLUGSTACK_KEYS = ("config", "python", "state_dir")
 SUBMIT_CONTEXTS = ("local", "allocator")
 INTERNAL_ERROR = "internal error on this node; the admin finds the details in slurmd's log"
+INTERNAL_ERROR_SUBMIT = "internal error; the admin finds the details in this host's system log"
 
 
 class Step:
@@ -53,28 +60,30 @@ step = Step()
 # ------------------------------------------------------------------ plumbing
 
 class _LogWriter:
-    """sys.stdout/sys.stderr replacement: in task context the process's stderr is the user's."""
+    """sys.stdout/sys.stderr replacement: in task context the process's stderr is the user's, and
+    what Python writes there unasked (warnings, "Exception ignored in ..." tracebacks) is for the
+    admin: slurmd's log only."""
 
-    def __init__(self, level: str):
-        self.level, self.pending = level, ""
+    def __init__(self):
+        self.pending = ""
 
     def write(self, text: str) -> int:
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
-            spank.log(self.level, line)
+            spank.log_private(line)
         return len(text)
 
     def flush(self) -> None:
         if self.pending:
-            spank.log(self.level, self.pending)
+            spank.log_private(self.pending)
             self.pending = ""
 
 
 def route_output() -> None:
-    """Send stray prints and warnings to the Slurm log instead of the job's output."""
-    sys.stdout = _LogWriter("info")
-    sys.stderr = _LogWriter("error")
+    """Send stray prints, warnings and tracebacks to slurmd's log instead of the job's output."""
+    sys.stdout = _LogWriter()
+    sys.stderr = _LogWriter()
 
 
 def plugstack_args(args: list) -> dict:
@@ -104,10 +113,12 @@ def load_site_config(args: list):
 
 
 def _internal_error(where: str) -> str:
+    """Log the bug being handled, traceback and all, where only the admin sees it; the line for
+    the user."""
     import traceback  # only for bugs: every job step would pay for importing it
     for line in traceback.format_exc().splitlines():
-        spank.log("error", f"{where}: {line}")
-    return INTERNAL_ERROR
+        spank.log_private(f"{where}: {line}")
+    return INTERNAL_ERROR_SUBMIT if spank.context() in SUBMIT_CONTEXTS else INTERNAL_ERROR
 
 
 # ------------------------------------------------------------------ submit side (srun, sbatch, salloc)
@@ -132,17 +143,28 @@ def _step_user(sp):
 
 
 def take_key_variables(sp, config, strip: bool) -> dict:
-    """The key variables present in the job environment, removed from it (the tasks' env) if
-    ``strip``. They never go anywhere else: not argv, not logs, not files."""
+    """The key variables present in the job environment, as ``Secret``s (the caller wipes them),
+    removed from it (the tasks' env) if ``strip``. They never go anywhere else: not argv, not logs,
+    not files, not a Python string."""
     found = {}
-    for name in config.key_variables:
-        value = spank.getenv(sp, name)
-        if value is None:
-            continue
-        found[name] = value
-        if strip:
-            spank.unsetenv(sp, name)
+    try:
+        for name in config.key_variables:
+            value = spank.getenv_secret(sp, name)
+            if value is None:
+                continue
+            found[name] = value
+            if strip:
+                spank.unsetenv(sp, name)
+    except BaseException:
+        _wipe_all(found)
+        raise
     return found
+
+
+def _wipe_all(secrets: dict) -> None:
+    for value in secrets.values():
+        value.wipe()
+    secrets.clear()
 
 
 def strips_keys(sp, config) -> bool:
@@ -159,13 +181,15 @@ def node_init_post_opt(sp, args) -> None:
                                         spank.option_conflict())
         if image is None:
             return
-        env = take_key_variables(sp, step.config, strips_keys(sp, step.config))
-        try:
-            from spank_sif import lifecycle
-            step.unlocked = lifecycle.unlock(image, _step_user(sp), env, step_label(sp),
-                                             step.config, cwd=_job_cwd(sp))
-        finally:
-            env.clear()
+        from spank_sif import lifecycle
+        from spank_sif.secret import Undumpable
+        with Undumpable():  # no core dump of slurmstepd while it holds the user's key
+            env = take_key_variables(sp, step.config, strips_keys(sp, step.config))
+            try:
+                step.unlocked = lifecycle.unlock(image, _step_user(sp), env, step_label(sp),
+                                                 step.config, cwd=_job_cwd(sp))
+            finally:
+                _wipe_all(env)
     except SifError as err:
         step.error = str(err)
         spank.log("error", f"job {_job_text(sp)}: {err}")
@@ -270,6 +294,5 @@ def dispatch(callback: str, sp, args: list) -> int:
             spank.log("error", f"{callback}: {err}")
         return -1
     except Exception:
-        _internal_error(callback)
-        spank.tell_user(INTERNAL_ERROR)
+        spank.tell_user(_internal_error(callback))
         return -1

@@ -15,6 +15,10 @@ from spank_sif.log import LEVELS as LOG_LEVELS
 
 DEFAULT_PATH = "/etc/slurm/spank_sif.yaml"
 CONFIG_VARIABLE = "SPANK_SIF_CONFIG"  # the CLI's way to name another file
+# Which images the kernel may mount (its squashfs driver parses them as root), by who can change
+# the file: see docs/security-model.md. A file "only root can change" is judged on the opened
+# descriptor (userfiles.who_else_can_write).
+KERNEL_MOUNT = ("always", "encrypted-only", "root-owned")
 
 
 class SiteConfig(NamedTuple):
@@ -30,6 +34,10 @@ class SiteConfig(NamedTuple):
     allowed_image_paths: tuple = ()
     # Accept unencrypted (plain squashfs) images.
     allow_unencrypted: bool = True
+    # Which images the kernel may mount: always (any the user can read), encrypted-only (encrypted
+    # images; plain ones only if nobody but root can change them), root-owned (only images nobody
+    # but root can change).
+    kernel_mount: str = "encrypted-only"
     # Refuse keyslots whose KDF needs more memory than this (KiB), before running the KDF.
     kdf_max_memory_kib: int = 1048576
     # How many memory-hard KDFs may run at once on a node.
@@ -40,6 +48,10 @@ class SiteConfig(NamedTuple):
     log_level: str = "info"
     # Where the settings came from (for messages); not a setting.
     source: str = "(defaults)"
+
+    def setting(self, key: str) -> str:
+        """Where an admin changes ``key``, for messages: ``'key' in <file>``."""
+        return f"'{key}' in {DEFAULT_PATH if self.source == '(defaults)' else self.source}"
 
 
 def _check_absolute(path: str, key: str, where: str) -> str:
@@ -100,10 +112,12 @@ def _positive(value, key, where):
     return value
 
 
-def _log_level(value, key, where):
-    if _expect(value, str, key, where, "a string") not in LOG_LEVELS:
-        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    return value
+def _one_of(choices):
+    def check(value, key, where):
+        if _expect(value, str, key, where, "a string") not in choices:
+            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return check
 
 
 _CHECKS = {
@@ -112,10 +126,11 @@ _CHECKS = {
     "strip_key_variables": _bool,
     "allowed_image_paths": _paths,
     "allow_unencrypted": _bool,
+    "kernel_mount": _one_of(KERNEL_MOUNT),
     "kdf_max_memory_kib": _positive,
     "kdf_max_parallel": _positive,
     "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
-    "log_level": _log_level,
+    "log_level": _one_of(LOG_LEVELS),
 }
 
 

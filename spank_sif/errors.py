@@ -1,10 +1,37 @@
-"""Typed errors of spank-sif.
+"""Typed errors of spank-sif, and ``printable``: what every message leaving the program goes through.
 
 Every failure a user or an admin can cause is one of these. The message is a single line
 meant for people: it names the cause and, where there is one, what to do. It never contains a
 secret. ``exit_code`` is what the CLI exits with; the SPANK plugin prefixes the message with
 ``sif-image:`` and prints it on the user's srun stderr.
+
+Messages quote paths, variable values and strings read from images, all of which a user chooses:
+a newline in one would forge a second log line, an escape sequence would drive the reader's
+terminal. So a message is made printable once, here, when the error is built, and the places where
+text leaves the program (``spank.log``/``spank.tell_user``, the CLI's output) apply the same
+function to everything else: no message has to remember to escape what it quotes.
 """
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal or a log would act on shown as an escape.
+
+    Control characters (newlines included), format characters (bidirectional overrides) and
+    separators become ``\\xNN``/``\\uNNNN``; bytes that were not UTF-8 (kept by the
+    ``surrogateescape`` decoding of paths) show as the byte, ``\\xNN``. Idempotent: its output is
+    all printable, so escaping twice changes nothing (a backslash is left as it is)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class SifError(Exception):
@@ -13,8 +40,8 @@ class SifError(Exception):
     exit_code = 1
 
     def __init__(self, message: str):
-        # Keep messages to one line whatever the caller passed.
-        super().__init__(" ".join(str(message).split()))
+        # One printable line whatever the caller passed or quoted (see printable).
+        super().__init__(printable(str(message).strip()))
 
 
 class UsageError(SifError):

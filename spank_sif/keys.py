@@ -9,15 +9,18 @@ Apptainer's two modes (docs/formats.md, "Keys"):
 This module owns the key variables: their names, precedence and kinds (the site configuration
 only chooses among them). Errors name the variable (and a key file's path), never the secret.
 Secrets are kept in ``Secret`` buffers that are zeroed after use; nothing here ever writes a secret
-anywhere.
+anywhere. Key text is parsed where it lies (PEM lines are never copied out one by one), and what
+the libraries hand back holding key material (the decoded DER, each decrypted RSA block) is wiped
+once used: the copies that remain are the libraries' own (see docs/security-model.md).
 """
 import base64
 import binascii
+import re
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from spank_sif.errors import ImageError, KeyMaterialError, WrongKeyError
-from spank_sif.secret import Secret
+from spank_sif.secret import Secret, wipe, wipe_bytes
 
 # Apptainer's names first (its precedence: PEM path, PEM data, passphrase), then the
 # SingularityCE / Singularity 3.x twins, which Apptainer itself ignores but sites still use.
@@ -64,17 +67,20 @@ def kind_of(variable: str) -> str | None:
     return next((kind for suffix, kind in KINDS.items() if variable.endswith(suffix)), None)
 
 
-def passphrase_from_file(data: bytes, path: str, option: str = "--passphrase-file") -> KeySource:
+def passphrase_from_file(data: bytes | bytearray, path: str, option: str = "--passphrase-file") -> KeySource:
     """The key source for a passphrase read from a file (every byte counts, as in Apptainer)."""
     if len(data) > MAX_PASSPHRASE:
         raise KeyMaterialError(f"{option} {path}: larger than {MAX_PASSPHRASE} bytes, not a passphrase")
     if not data:
         raise KeyMaterialError(f"{option} {path} is empty; an empty key cannot open an image")
-    return KeySource("passphrase", f"{option} {path}", secret=Secret(bytearray(data)))
+    return KeySource("passphrase", f"{option} {path}", secret=Secret(data))  # adopts a bytearray
 
 
-def find_key_source(env: Mapping[str, str], variables=DEFAULT_KEY_VARIABLES) -> KeySource | None:
+def find_key_source(env: Mapping[str, "str | Secret"], variables=DEFAULT_KEY_VARIABLES) -> KeySource | None:
     """The first variable of ``variables`` set to a non-empty value in ``env``, or None if none is set.
+
+    Values are strings (a process's own environment) or ``Secret``s (the plugin reads the job's
+    key variables straight into them, never into a string); a Secret is adopted, not copied.
 
     Empty variables are skipped, a rule of spank-sif's own (Apptainer takes a set-but-empty
     variable as given, and then fails): a job script that exports an empty twin of a variable set
@@ -85,14 +91,17 @@ def find_key_source(env: Mapping[str, str], variables=DEFAULT_KEY_VARIABLES) -> 
         value = env.get(variable)
         if value is None:
             continue
-        if value == "":
+        if len(value) == 0:
             empty.append(variable)
             continue
         kind = kind_of(variable)
         if kind is None:
             raise KeyMaterialError(f"{variable}: not a key variable (must end in {', '.join(KINDS)})")
-        if kind == "pem_path":
-            return KeySource(kind, variable, path=value)
+        if kind == "pem_path":  # a path, not a key: a string is fine
+            path = value.value.decode("utf-8", "surrogateescape") if isinstance(value, Secret) else value
+            return KeySource(kind, variable, path=path)
+        if isinstance(value, Secret):
+            return KeySource(kind, variable, secret=value)
         # Environment strings come from bytes decoded with surrogateescape: encode back exactly.
         return KeySource(kind, variable, secret=Secret(value.encode("utf-8", "surrogateescape")))
     if empty:
@@ -107,31 +116,58 @@ CONVERT_OPENSSH = "convert it with: ssh-keygen -p -m pem -f KEY"
 CONVERT_ENCRYPTED = "remove the passphrase with: openssl rsa -in KEY -out KEY.pem -traditional"
 
 
-def _pem_blocks(data: bytes):
+_LINE = re.compile(rb"[^\r\n]+")  # bytes.splitlines' line ends: \n, \r, \r\n
+_WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.strip() removes
+_BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+
+
+def _pem_blocks(data):
     """(label, headers, der) of each PEM block in ``data``; der is None if the base64 is broken.
 
-    Line by line, in linear time whatever the input (a regex over hostile text can go quadratic)."""
+    Line by line, in linear time whatever the input (a regex over hostile text can go quadratic).
+    ``data`` may be key text: lines are read in place, the base64 is gathered in one buffer that is
+    wiped when the iteration ends, and the caller wipes each ``der`` (``secret.wipe_bytes``)."""
     label: bytes | None = None
     headers: list[bytes] = []
-    body: list[bytes] = []
-    for raw in data.splitlines():
-        line = raw.strip()
-        if label is None:
-            if line.startswith(b"-----BEGIN ") and line.endswith(b"-----") and len(line) > 16:
-                label, headers, body = line[11:-5], [], []
-        elif line == b"-----END " + label + b"-----":
-            try:
-                der = base64.b64decode(b"".join(body), validate=True)
-            except (binascii.Error, ValueError):
-                der = None
-            yield label.decode("ascii", "replace"), b"\n".join(headers), der
-            label = None
-        else:  # RFC 1421 headers ("Proc-Type: 4,ENCRYPTED") have a colon; base64 never does
-            (headers if b":" in line else body).append(line)
+    body = bytearray(len(data))  # never grown: a buffer that moves leaves a copy behind
+    used = 0
+    try:
+        for match in _LINE.finditer(data):
+            start, end = match.span()
+            while start < end and data[start] in _WHITESPACE:
+                start += 1
+            while end > start and data[end - 1] in _WHITESPACE:
+                end -= 1
+            if label is None:
+                if (end - start > 16 and data.startswith(b"-----BEGIN ", start, end)
+                        and data.endswith(b"-----", start, end)):
+                    label, headers, used = bytes(data[start + 11:end - 5]), [], 0
+            elif end - start == len(label) + 14 and data.startswith(b"-----END " + label + b"-----", start):
+                yield label.decode("ascii", "replace"), b"\n".join(headers), _base64(body, used)
+                label = None
+            elif data.find(b":", start, end) >= 0:  # RFC 1421 headers ("Proc-Type: 4,ENCRYPTED")
+                headers.append(bytes(data[start:end]))  # have a colon, base64 never does
+            else:
+                body[used:used + end - start] = memoryview(data)[start:end]
+                used += end - start
+    finally:
+        wipe(body)
 
 
-def load_private_key(pem: bytes, origin: str):
-    """The RSA private key in ``pem`` (PKCS#1 as Apptainer requires, or unencrypted PKCS#8).
+def _base64(body: bytearray, used: int) -> bytes | None:
+    """The bytes of the base64 text ``body[:used]`` (strict: only the base64 alphabet), or None."""
+    text = memoryview(body)[:used]
+    if not _BASE64.fullmatch(text):
+        return None
+    try:
+        return binascii.a2b_base64(text)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def load_private_key(pem, origin: str):
+    """The RSA private key in ``pem`` (bytes or a bytearray; PKCS#1 as Apptainer requires, or
+    unencrypted PKCS#8).
 
     ``origin`` names where the key came from in messages (a variable, a path)."""
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -158,6 +194,8 @@ def load_private_key(pem: bytes, origin: str):
             key = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=True)
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise KeyMaterialError(f"{origin}: the {label} block is not a valid private key") from exc
+        finally:
+            wipe_bytes(der)
         if not isinstance(key, rsa.RSAPrivateKey):
             raise KeyMaterialError(f"{origin}: {type(key).__name__.replace('PrivateKey', '')} key; "
                                    "image encryption uses RSA keys")
@@ -238,18 +276,27 @@ def unwrap_key(private_key, message: bytes) -> Secret:
     if not ciphertext or len(ciphertext) % k:
         raise WrongKeyError(f"the PEM key does not match this image (its key message is not made of "
                             f"{private_key.key_size}-bit RSA blocks)")
-    out, oaep = bytearray(), _oaep()
+    # Room for the most the blocks can hold, never grown (a buffer that moves leaves a copy behind);
+    # each decrypted block is wiped as soon as it is copied in.
+    out, used, oaep = bytearray(len(ciphertext) // k * (k - OAEP_OVERHEAD)), 0, _oaep()
     try:
         for pos in range(0, len(ciphertext), k):
             chunk = private_key.decrypt(ciphertext[pos:pos + k], oaep)
-            out += chunk
+            try:
+                if used + len(chunk) > len(out):  # OAEP never gives more: refuse rather than grow
+                    raise ValueError("RSA-OAEP block larger than its padding allows")
+                out[used:used + len(chunk)] = chunk
+                used += len(chunk)
+            finally:
+                wipe_bytes(chunk)
+        if not used:
+            raise ImageError("the image's key message holds an empty key")
+        return Secret(bytearray(memoryview(out)[:used]))
     except ValueError as exc:
-        Secret(out).wipe()
         raise WrongKeyError("the PEM key does not match this image (the key message does not decrypt)") \
             from exc
-    if not out:
-        raise ImageError("the image's key message holds an empty key")
-    return Secret(out)
+    finally:
+        wipe(out)
 
 
 def wrap_key(public_key, key: bytes | bytearray) -> bytes:
@@ -281,23 +328,26 @@ def generate_key_pair(bits: int) -> tuple[bytes, bytes]:
 # The recipe
 
 
-def read_pem(source: KeySource, read_user_file: Callable[[str], bytes]):
-    """The PEM text of a ``pem_data`` or ``pem_path`` source (bounded)."""
+def read_pem(source: KeySource, read_user_file: Callable[[str], bytes | bytearray]) -> Secret:
+    """The PEM text of a ``pem_data`` or ``pem_path`` source (bounded), in a Secret of its own
+    (a bytearray from ``read_user_file`` is adopted, not copied)."""
     if source.kind == "pem_data":
-        return source.material().value  # no immutable copy of the key text
+        return Secret(bytearray(source.material().value))  # the source's owner wipes the original
     try:
-        data = read_user_file(source.path)
+        data = Secret(read_user_file(source.path))
     except OSError as exc:
         raise KeyMaterialError(f"{source.describe()}: cannot read the key file: "
                                f"{exc.strerror or exc}") from exc
     if len(data) > MAX_PEM_FILE:
+        data.wipe()
         raise KeyMaterialError(f"{source.describe()}: {len(data)} bytes is too big for a key file")
     return data
 
 
-def luks_passphrase(image, fd: int, source: KeySource, read_user_file: Callable[[str], bytes]) -> Secret:
+def luks_passphrase(image, fd: int, source: KeySource, read_user_file: Callable[[str], bytes | bytearray]) -> Secret:
     """The LUKS passphrase for the primary partition of ``image`` (a ``sif.SifImage`` read from
-    ``fd``) from the user's key. ``read_user_file(path) -> bytes`` reads a PEM file (as the user)."""
+    ``fd``) from the user's key. ``read_user_file(path)`` reads a PEM file (as the user), best into
+    a bytearray, which is then wiped with the rest."""
     if source.kind == "passphrase":
         return Secret(bytearray(source.material().value))
     part = image.primary_partition()
@@ -305,7 +355,8 @@ def luks_passphrase(image, fd: int, source: KeySource, read_user_file: Callable[
     if not messages:
         raise WrongKeyError(f"{source.variable} is a PEM key but this image was encrypted with a "
                             "passphrase (it holds no key message); use a passphrase variable instead")
-    private_key = load_private_key(read_pem(source, read_user_file), source.describe())
+    with read_pem(source, read_user_file) as pem:
+        private_key = load_private_key(pem.value, source.describe())
     message = image.read_object(fd, messages[0], MAX_MESSAGE)
     return unwrap_key(private_key, message)
 

@@ -17,7 +17,7 @@ import time
 from spank_sif import dmcrypt, keys, log, loop, luks2, mounts, sif, userfiles
 from spank_sif.config import SiteConfig
 from spank_sif.loop import LoopDevice
-from spank_sif.errors import KeyMaterialError, PolicyError, SifError, StateError, SystemSetupError
+from spank_sif.errors import ImageError, KeyMaterialError, PolicyError, SifError, StateError, SystemSetupError
 from spank_sif.secret import Secret
 from spank_sif.state import Record, StateDir, check_label, job_id
 
@@ -68,7 +68,11 @@ def session_name(job: str) -> str:
 def _check_location(fd: int, image_path: str, config: SiteConfig) -> str:
     """Where the opened file really is (symlinks resolved by the kernel), checked against the site's
     allowed directories."""
-    real = os.readlink(f"/proc/self/fd/{fd}")
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:  # ENAMETOOLONG: a real path longer than the kernel's limit (PATH_MAX)
+        raise ImageError(f"image {image_path}: its full path is too long for this system "
+                         f"({exc.strerror}): move it to a shorter path") from exc
     allowed = config.allowed_image_paths
     if allowed and not any(os.path.commonpath([real, d]) == d for d in allowed):
         raise PolicyError(f"image {image_path} ({real}) is outside the directories this site allows "
@@ -86,6 +90,23 @@ def _policy(part, image_path: str, config: SiteConfig) -> bool:
     return encrypted
 
 
+def _kernel_may_mount(fd: int, encrypted: bool, image_path: str, config: SiteConfig) -> None:
+    """The site's ``kernel_mount`` policy: may the kernel's squashfs driver parse this file as root?
+    Decided on the opened file, before any key work (docs/security-model.md says why)."""
+    policy = config.kernel_mount
+    if policy == "always" or (policy == "encrypted-only" and encrypted):
+        return
+    writer = userfiles.who_else_can_write(fd)
+    if not writer:
+        return
+    if policy == "encrypted-only":
+        raise PolicyError(f"image {image_path} is not encrypted and can be changed by {writer}; this site "
+                          "mounts plain images only when nobody but root can change them (kernel_mount: "
+                          "encrypted-only): use an encrypted image, or ask your admin to install this one")
+    raise PolicyError(f"image {image_path} can be changed by {writer}; this site mounts only images "
+                      f"nobody but root can change (kernel_mount: {policy}): ask your admin to install it")
+
+
 def _key(image, fd: int, env, user, config: SiteConfig, cwd, source) -> Secret:
     if source is None:
         source = keys.find_key_source(env, list(config.key_variables))
@@ -95,7 +116,7 @@ def _key(image, fd: int, env, user, config: SiteConfig, cwd, source) -> Secret:
         raise KeyMaterialError(f"the image is encrypted but no key was given: set {names} in the job's "
                                "environment")
 
-    def read_user_file(path: str) -> bytes:
+    def read_user_file(path: str) -> bytearray:
         return userfiles.read_as_user(path, user, keys.MAX_PEM_FILE, what="PEM key file",
                                       error=KeyMaterialError, cwd=cwd)
 
@@ -124,6 +145,7 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
         image = sif.read_sif(fd, name=image_path)
         part = image.primary_partition()
         encrypted = _policy(part, image_path, config)
+        _kernel_may_mount(fd, encrypted, image_path, config)
         log.verbose(f"{job}: image {image_path} ({real}) opened as {user.name}: partition {part.id}, "
                     f"{'encrypted' if encrypted else 'not encrypted'}, {part.size} bytes")
         volume = None
@@ -197,7 +219,7 @@ def mount(unlocked: Unlocked, target: str, private: bool = True, create: bool | 
         "target": os.path.normpath(target), "ns": mounts.namespace_id(), "pid": os.getpid(),
         "device": unlocked.device}, key)
     try:
-        mounts.mount_squashfs(unlocked.device, target, create)
+        mounts.mount_squashfs(unlocked.device, target, create, unlocked.config.setting("mount_point"))
     except BaseException:
         state.remove("mount", unlocked.job, unlocked.session, key)
         raise

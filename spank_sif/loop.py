@@ -129,6 +129,8 @@ def _configure(loop_fd: int, backing_fd: int, info: bytes) -> None:
 
 def attach(fd: int, offset: int, size: int, name: str = "") -> LoopDevice:
     """A read-only, auto-clearing loop device over ``size`` bytes of ``fd`` from ``offset``."""
+    if size <= 0:  # the kernel reads size 0 as "to the end of the file": never ask for that
+        raise ValueError(f"loop device over {size} bytes")
     info = _info(offset, size, name)
     last = None
     for attempt in range(ATTACH_ATTEMPTS):

@@ -53,29 +53,30 @@ def enter_private_namespace() -> None:
         raise SystemSetupError(f"cannot create a private mount namespace: {exc.strerror}") from exc
 
 
-def prepare_mount_point(path: str, create: bool) -> int:
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def prepare_mount_point(path: str, create: bool, setting: str = "") -> int:
     """An O_PATH descriptor of the directory ``path``, walked without following symlinks.
 
-    With ``create``, missing components are made root-owned, mode 0755 (the site mount point).
+    With ``create``, missing components are made root-owned, mode 0755 (the site mount point);
+    ``setting`` says where the admin chose ``path``, for the message when that is impossible (a
+    read-only root file system: diskless nodes). Every failure is a one-line SystemSetupError.
     Mounting through this descriptor means a symlink swapped in later cannot redirect the mount.
     """
     if not os.path.isabs(path):
         raise UsageError(f"mount point {path} must be an absolute path")
-    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open("/", _DIR_FLAGS)
     try:
         for part in [p for p in os.path.normpath(path).split("/") if p]:
             try:
-                nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError as exc:
                 if not create:
                     raise SystemSetupError(f"mount point {path} does not exist: create the directory "
                                            "first") from exc
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    _fix_mode(part, fd)  # whatever the umask: the job's user must reach the image
-                except FileExistsError:
-                    pass
-                nxt = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                _create_dir(part, fd, path, setting)
+                nxt = _open_dir(part, fd, path)
             except OSError as exc:
                 raise SystemSetupError(f"mount point {path}: {_why_not_directory(part, fd, exc)}; "
                                        "refusing to mount there") from exc
@@ -85,6 +86,27 @@ def prepare_mount_point(path: str, create: bool) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_dir(name: str, dir_fd: int, path: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        raise SystemSetupError(f"mount point {path}: {_why_not_directory(name, dir_fd, exc)}; "
+                               "refusing to mount there") from exc
+
+
+def _create_dir(name: str, dir_fd: int, path: str, setting: str) -> None:
+    try:
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+        _fix_mode(name, dir_fd)  # whatever the umask: the job's user must reach the image
+    except FileExistsError:
+        pass  # another task of the step made it meanwhile
+    except OSError as exc:
+        fix = (f"create it on every node, or set {setting} to a directory that exists" if setting
+               else "create it first")
+        raise SystemSetupError(f"mount point {path} does not exist and cannot be created "
+                               f"({exc.strerror}): {fix}") from exc
 
 
 def _fix_mode(name: str, dir_fd: int) -> None:
@@ -106,9 +128,10 @@ def _why_not_directory(name: str, dir_fd: int, exc: OSError) -> str:
     return f"{name}: {exc.strerror}"
 
 
-def mount_squashfs(device: str, target: str, create: bool = False) -> None:
-    """Mount the squashfs on ``device`` read-only, nosuid, nodev at ``target``."""
-    dirfd = prepare_mount_point(target, create)
+def mount_squashfs(device: str, target: str, create: bool = False, setting: str = "") -> None:
+    """Mount the squashfs on ``device`` read-only, nosuid, nodev at ``target`` (``create`` and
+    ``setting``: see prepare_mount_point)."""
+    dirfd = prepare_mount_point(target, create, setting)
     try:
         _mount(device, f"/proc/self/fd/{dirfd}", "squashfs", MS_RDONLY | MS_NOSUID | MS_NODEV)
     except OSError as exc:

@@ -53,3 +53,60 @@ class Secret:
 def buffer(key) -> bytes | bytearray | memoryview:
     """The bytes of ``key``, a Secret or a bytes-like object (without copying a Secret)."""
     return key.value if isinstance(key, Secret) else key
+
+
+def wipe(data: bytearray) -> None:
+    """Zero a bytearray in place (a buffer that held key material on its way somewhere)."""
+    data[:] = bytes(len(data))
+
+
+def wipe_bytes(data: bytes) -> None:
+    """Zero an immutable ``bytes`` that a library handed back holding key material (a decrypted RSA
+    block, a DER-encoded private key), once it is no longer used.
+
+    Python offers no way to do this; the object's own buffer is overwritten in place through the
+    pointer ctypes gives for it. Only for objects the caller alone holds: never one that may be
+    shared (CPython shares the empty and the one-byte objects, so those are left alone; they hold
+    no key anyway)."""
+    if type(data) is not bytes or len(data) < 2:
+        return
+    import ctypes  # only where a key is unwrapped
+    ctypes.memset(ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), 0, len(data))
+
+
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+
+
+class Undumpable:
+    """``with Undumpable():`` this process writes no core dump while the block runs (and only
+    processes with CAP_SYS_PTRACE may read its memory or ptrace it): for the time it holds a key.
+
+    Python leaves copies of a key where no ``wipe`` reaches (the immutable objects libraries make
+    on the way, freed memory not yet reused); a core dump of slurmstepd would write them to disk.
+    The previous setting comes back afterwards: slurmstepd wants its core dumps for later, and the
+    flag also decides who owns the process's /proc files. (A setting of 2, "dump readable by root
+    only", cannot be set back through prctl; the process then stays at 0, the safer side.)"""
+
+    __slots__ = ("_previous",)
+
+    def __enter__(self):
+        self._previous = _prctl(PR_GET_DUMPABLE, 0)
+        if _prctl(PR_SET_DUMPABLE, 0) != 0:
+            raise OSError("prctl(PR_SET_DUMPABLE, 0) failed")
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous in (0, 1):
+            _prctl(PR_SET_DUMPABLE, self._previous)
+
+
+def dumpable() -> int:
+    """This process's dumpable setting, as the kernel has it (0, 1 or 2)."""
+    return _prctl(PR_GET_DUMPABLE, 0)
+
+
+def _prctl(option: int, value: int) -> int:
+    import ctypes  # only where a key is handled
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0))

@@ -7,7 +7,8 @@ received it: pass it through, never keep it.
 The compiled module ``spank_sif._plugin`` is imported lazily, so the rest of the package (and its
 tests) works where the plugin has not been built.
 """
-from spank_sif.errors import SifError
+from spank_sif.errors import SifError, printable
+from spank_sif.secret import Secret
 
 CONTEXTS = {0: "error", 1: "local", 2: "remote", 3: "allocator", 4: "slurmd", 5: "job_script"}
 LOG_LEVELS = {"error": 0, "info": 1, "verbose": 2, "debug": 3}
@@ -101,20 +102,34 @@ def task_id(sp) -> int:
 # ------------------------------------------------------------------ job environment (remote only)
 
 def getenv(sp, name: str) -> str | None:
-    """A variable of the job's environment (remote context), None if unset."""
+    """A variable of the job's environment (remote context), None if unset. Never for a variable
+    that may hold a key: that is ``getenv_secret``."""
+    value = getenv_secret(sp, name)
+    if value is None:
+        return None
+    with value:
+        return value.value.decode("utf-8", "surrogateescape")
+
+
+def getenv_secret(sp, name: str) -> Secret | None:
+    """A variable of the job's environment as a ``Secret``, never a ``str`` (which Python cannot
+    wipe): Slurm copies the value into a buffer of ours, the Secret copies it once, and the buffer
+    is wiped, like every smaller one abandoned when the value did not fit."""
     size = _ENV_BUFFER
     while True:
-        buf = _ffi().new("char[]", size)
-        rc = _lib().shim_getenv(sp, _text(name), buf, size)
-        if rc == _lib().ESPANK_ENV_NOEXIST:
-            return None
-        if rc == _lib().ESPANK_NOSPACE and size < _ENV_BUFFER_MAX:
-            size *= 4
-            continue
-        _check(rc, f"spank_getenv({name})")
-        value = _ffi().string(buf).decode("utf-8", "surrogateescape")
-        _ffi().memmove(buf, b"\0" * size, size)  # the buffer may have held a key
-        return value
+        buf = bytearray(size)
+        try:
+            rc = _lib().shim_getenv(sp, _text(name), _ffi().from_buffer(buf), size)
+            if rc == _lib().ESPANK_ENV_NOEXIST:
+                return None
+            if rc == _lib().ESPANK_NOSPACE and size < _ENV_BUFFER_MAX:
+                size *= 4
+                continue
+            _check(rc, f"spank_getenv({name})")
+            end = buf.find(0)
+            return Secret(bytearray(memoryview(buf)[:end if end >= 0 else size]))
+        finally:
+            buf[:] = bytes(size)
 
 
 def setenv(sp, name: str, value: str, overwrite: bool = True) -> None:
@@ -135,11 +150,22 @@ def job_control_setenv(sp, name: str, value: str) -> None:
 
 # ------------------------------------------------------------------ output
 
+# Every message is made printable on its way out: paths and names in it come from users and images.
+
 def log(level: str, message: str) -> None:
-    """A line in the Slurm log of this process (slurmd's log on nodes), prefixed 'sif-image: '."""
-    _lib().log_line(LOG_LEVELS[level], _text(message))
+    """A line in the Slurm log of this process (slurmd's log on nodes), prefixed 'sif-image: '.
+    In a task, and in slurmstepd once the step's I/O is set up, Slurm copies it to the job's
+    stderr too (errors always, the rest with srun --slurmd-debug): never log what the user must
+    not see with it; that is ``log_private``."""
+    _lib().log_line(LOG_LEVELS[level], _text(printable(message)))
+
+
+def log_private(message: str) -> None:
+    """A line for the admin alone (a bug's traceback): slurmd's log, never the job's stderr; the
+    system log in srun, sbatch and salloc."""
+    _lib().log_private(_text(printable(message)))
 
 
 def tell_user(message: str) -> None:
     """One line on the user's stderr (srun's or the batch job's), prefixed 'sif-image: '."""
-    _lib().user_line(_text(message))
+    _lib().user_line(_text(printable(message)))

@@ -4,7 +4,9 @@ Root never resolves a path a user chose: a forked child drops to the user's uid,
 opens the path (following the user's symlinks, with the user's rights), and passes the open file
 descriptor back over a socket pair. Everything afterwards works on that descriptor, so a symlink
 swapped after the open changes nothing, and a file the user cannot read stays unreadable even
-though the engine runs as root.
+though the engine runs as root. The child keeps no descriptor of its parent but the socket: with
+one, ``/proc/self/fd/N`` would reopen a file of root's (slurmstepd's) with the user's rights but
+without walking the path that protects it.
 """
 import array
 import errno
@@ -18,6 +20,7 @@ from spank_sif.errors import ImageError, SifError, SystemSetupError, UsageError
 
 # How long the child may take to open a file (a hung NFS server must not hang a job forever).
 OPEN_TIMEOUT_S = 60
+MAX_FD = 2 ** 31 - 1  # os.closerange's end (close_range(2) closes the whole span at once)
 
 
 class User(NamedTuple):
@@ -68,10 +71,21 @@ def _drop_to(user: User) -> None:
             os._exit(99)
 
 
+def _keep_only(sock: socket.socket) -> socket.socket:
+    """In the child: close every descriptor inherited from the parent (stdio included) but the
+    socket, which moves to fd 0 so one call closes everything above it."""
+    fd = sock.detach()
+    if fd != 0:
+        os.dup2(fd, 0, inheritable=False)
+    os.closerange(1, MAX_FD)
+    return socket.socket(fileno=0)
+
+
 def _child(sock: socket.socket, path: str, user: User, flags: int, cwd: str | None) -> None:
     """Runs in the forked child; never returns."""
     code = 0
     try:
+        sock = _keep_only(sock)
         try:
             _drop_to(user)
         except OSError as exc:
@@ -172,21 +186,81 @@ def _describe(err: int, path: str, user: User, what: str) -> str:
 
 
 def read_as_user(path: str, user: User, limit: int, *, what: str = "key file",
-                 error: type[SifError] = ImageError, cwd: str | None = None) -> bytes:
-    """The contents of a small file the user can read (at most ``limit`` bytes)."""
+                 error: type[SifError] = ImageError, cwd: str | None = None) -> bytearray:
+    """The contents of a small file the user can read (at most ``limit`` bytes), in a bytearray
+    the caller can wipe: key files are read with it. Read straight into buffers of ours, each wiped
+    once its contents moved on, so no copy of the file is left in memory behind the result."""
     fd = open_as_user(path, user, what=what, error=error, cwd=cwd)
+    too_big = f"{what} {path} is larger than {limit} bytes: is it the right file?"
     try:
-        if os.fstat(fd).st_size > limit:
-            raise error(f"{what} {path} is larger than {limit} bytes: is it the right file?")
-        chunks, total = [], 0
-        while total <= limit:
-            chunk = os.read(fd, limit + 1 - total)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:
-            raise error(f"{what} {path} is larger than {limit} bytes: is it the right file?")
-        return b"".join(chunks)
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise error(too_big)
+        # One byte more than the file has: a file that grew meanwhile shows, and is read again.
+        for room in (size + 1, limit + 1):
+            buf = bytearray(room)
+            try:
+                got = _read_into(fd, buf)
+                if got < room:
+                    return bytearray(memoryview(buf)[:got])
+            finally:
+                buf[:] = bytes(room)
+        raise error(too_big)
     finally:
         os.close(fd)
+
+
+def _read_into(fd: int, buf: bytearray) -> int:
+    """Fill ``buf`` from the start of ``fd`` (until it is full or the file ends); bytes read."""
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        n = os.preadv(fd, [view[got:]], got)
+        if not n:
+            break
+        got += n
+    return got
+
+
+def who_else_can_write(fd: int) -> str:
+    """Who, besides root, can change the contents of the open file ``fd`` ("" if nobody can).
+
+    Judged on the descriptor and its file system, never on a path: the owner (only root may be;
+    an owner can always make a file writable again), the group and other write bits (with a POSIX
+    ACL, the group bits are its mask, which bounds every named user and group entry), and the file
+    system (FUSE: a user-space process serves the data and may change it at any time, whatever
+    owner and mode it reports; a file system that cannot be identified counts as such)."""
+    st = os.fstat(fd)
+    if st.st_uid != 0:
+        return f"its owner ({_user_name(st.st_uid)})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"its group or everyone (mode {stat.S_IMODE(st.st_mode):04o})"
+    fs_type = filesystem_type(fd)
+    if not fs_type:
+        return "whoever serves its file system (which cannot be identified)"
+    if fs_type in ("fuse", "fuseblk") or fs_type.startswith("fuse."):
+        return f"the user-space process serving its file system ({fs_type})"
+    return ""
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def filesystem_type(fd: int) -> str:
+    """The type of the file system ``fd`` lies on (``ext4``, ``nfs4``, ``fuse.sshfs``...), "" if
+    unknown: the kernel's own record of the descriptor's mount (fdinfo's mnt_id, then mountinfo),
+    so no file system server is asked anything."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            mount_id = next((line.split()[1] for line in f if line.startswith("mnt_id:")), None)
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] == mount_id and "-" in fields:
+                    return fields[fields.index("-") + 1]
+    except (OSError, IndexError, ValueError):
+        pass
+    return ""

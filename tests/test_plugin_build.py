@@ -54,14 +54,33 @@ def exported(plugin) -> set:
     return {line.split()[-1] for line in out.splitlines()}
 
 
-def test_exports_what_slurm_needs_and_nothing_it_would_call_by_mistake(plugin):
-    names = exported(plugin)
-    assert {"plugin_name", "plugin_type", "plugin_version", "spank_plugin_version",
-            "slurm_spank_init", "slurm_spank_init_post_opt", "slurm_spank_user_init",
-            "slurm_spank_task_init_privileged", "slurm_spank_exit",
-            "slurm_spank_job_epilog"} <= names
-    # Slurm's loader calls exported init()/fini(); slurmd runs `spank prolog` for job_prolog.
-    assert not {"init", "fini", "slurm_spank_job_prolog", "spank_options"} & names
+# What Slurm's loader looks up (the callbacks the shim has, the plugin_* data) and what Python's
+# importer looks up: nothing else. Slurm calls an exported init()/fini(), slurmd runs `spank prolog`
+# for a job_prolog; the shim's own functions are called by cffi's code inside the object.
+EXPORTS = {"plugin_name", "plugin_type", "plugin_version", "spank_plugin_version",
+           "slurm_spank_init", "slurm_spank_init_post_opt", "slurm_spank_user_init",
+           "slurm_spank_task_init_privileged", "slurm_spank_exit", "slurm_spank_job_epilog",
+           "PyInit__plugin"}
+
+
+def test_exports_what_slurm_and_python_look_up_and_nothing_else(plugin):
+    assert exported(plugin) == EXPORTS
+
+
+def test_built_hardened(plugin):
+    """Loaded into every slurmstepd as root: full RELRO (the GOT is read-only, every symbol bound
+    at load), a stack protector, fortified libc calls."""
+    dynamic_section = subprocess.run(["readelf", "-d", "-W", plugin], capture_output=True, text=True,
+                                     check=True).stdout
+    assert "(BIND_NOW)" in dynamic_section and re.search(r"\(FLAGS_1\).*\bNOW\b", dynamic_section)
+    headers = subprocess.run(["readelf", "-l", "-W", plugin], capture_output=True, text=True,
+                             check=True).stdout
+    assert "GNU_RELRO" in headers
+    imported = subprocess.run(["nm", "-D", "--undefined-only", plugin], capture_output=True, text=True,
+                              check=True).stdout
+    assert "__stack_chk_fail" in imported
+    assert {"__snprintf_chk", "__fprintf_chk", "__realpath_chk"} <= {
+        line.split()[-1].split("@")[0] for line in imported.splitlines()}
 
 
 def test_built_for_the_installed_slurm_headers():
@@ -96,8 +115,9 @@ def test_a_build_directory_never_hands_back_a_plugin_for_another_environment(tmp
                         "--build-temp", str(tmp_path / "temp")], cwd=repo, check=True, capture_output=True,
                        env=dict(os.environ, SPANK_SIF_PYTHON=python))
         (built,) = (tmp_path / "lib" / "spank_sif").glob("_plugin*.so")
-        code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.shim_python.restype = ctypes.c_char_p; "
-                "print(lib.shim_python().decode())")
+        code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location("
+                "'spank_sif._plugin', sys.argv[1]); m = importlib.util.module_from_spec(spec); "
+                "spec.loader.exec_module(m); print(m.ffi.string(m.lib.shim_python()).decode())")
         assert installed("-c", code, str(built)).strip() == python
         # An *earlier* build (distutils compares whole seconds): age its outputs by a minute.
         for output in tmp_path.rglob("*"):

@@ -9,6 +9,7 @@ import pytest
 
 from spank_sif import callbacks, options
 from spank_sif.errors import SifError
+from spank_sif.secret import Secret
 
 SECRET = "correct horse battery staple"
 
@@ -21,7 +22,7 @@ class FakeSpank:
         self._context, self._option, self._state_dir = context, option, state_dir
         self.job_env = dict(job_env or {})
         self.job_control = {}
-        self.user_lines, self.log_lines = [], []
+        self.user_lines, self.log_lines, self.private_lines = [], [], []
         self.ids = {"uid": os.getuid() if uid is None else uid,
                     "gid": os.getgid() if gid is None else gid,
                     "job": 42, "step": 0, "task": 0}
@@ -56,6 +57,10 @@ class FakeSpank:
     def getenv(self, sp, name):
         return self.job_env.get(name)
 
+    def getenv_secret(self, sp, name):
+        value = self.job_env.get(name)
+        return None if value is None else Secret(value.encode("utf-8", "surrogateescape"))
+
     def setenv(self, sp, name, value, overwrite=True):
         self.job_env[name] = value
 
@@ -68,11 +73,14 @@ class FakeSpank:
     def log(self, level, message):
         self.log_lines.append((level, message))
 
+    def log_private(self, message):
+        self.private_lines.append(message)
+
     def tell_user(self, message):
         self.user_lines.append(message)
 
     def everything_said(self) -> str:
-        return "\n".join(self.user_lines + [m for _, m in self.log_lines])
+        return "\n".join(self.user_lines + [m for _, m in self.log_lines] + self.private_lines)
 
 
 @pytest.fixture
@@ -226,7 +234,8 @@ def test_bug_is_logged_with_traceback_but_user_sees_one_generic_line(fake, site,
     spank.uid = broken
     assert run_step(spank, site()) == [0, 0, -1, 0]
     assert spank.user_lines == [callbacks.INTERNAL_ERROR]
-    assert any("ZeroDivisionError" in m for _, m in spank.log_lines)
+    assert any("ZeroDivisionError" in m for m in spank.private_lines)
+    assert not any("Traceback" in m or "ZeroDivisionError" in m for _, m in spank.log_lines)
 
 
 def test_job_epilog_sweeps_what_the_job_left(fake, site, tmp_path):
@@ -254,10 +263,10 @@ def test_step_labels_name_special_steps(fake):
 
 def test_output_router_sends_lines_to_the_log(fake):
     spank = fake()
-    writer = callbacks._LogWriter("error")
+    writer = callbacks._LogWriter()
     writer.write("one\ntwo")
     writer.flush()
-    assert spank.log_lines == [("error", "one"), ("error", "two")]
+    assert spank.private_lines == ["one", "two"] and spank.log_lines == []
 
 
 def test_errors_are_sif_errors():

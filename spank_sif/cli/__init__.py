@@ -3,13 +3,16 @@
 Each module of this package adds its sub-commands with ``register(subparsers)``; a handler takes the
 parsed arguments and returns the exit code. Every ``SifError`` ends as one line on stderr
 (``spank-sif: <message>``) and its ``exit_code``; nothing a user can cause prints a traceback.
+Paths and names come from users and images: commands quote them through ``printable``, and while a
+command runs its standard output and error pass any character that would drive a terminal (an
+escape sequence, a carriage return, a bidirectional override) as an escape, whatever printed it.
 """
 import argparse
 import importlib
 import sys
 
 from spank_sif import __version__
-from spank_sif.errors import SifError
+from spank_sif.errors import SifError, printable
 
 # Sub-command -> the module of this package that defines it, in --help order. A command line that
 # names its command imports only that module: start-up is part of every command's cost.
@@ -36,6 +39,21 @@ EXIT_CODES = """exit codes:
 """
 
 
+class _TerminalSafe:
+    """A command's sys.stdout or sys.stderr: each line written is made printable, line ends pass.
+    The guard behind the commands' own escaping, so no print can reach a terminal raw."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write("\n".join(printable(line) for line in text.split("\n")))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default exits 2, which means "wrong key" here
         self.print_usage(sys.stderr)
@@ -56,6 +74,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _TerminalSafe(sys.stdout), _TerminalSafe(sys.stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def _main(argv) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)

@@ -1,5 +1,8 @@
-"""What several ``spank-sif`` commands share: the ``--config`` option and plain-text tables."""
+"""What several ``spank-sif`` commands share: the ``--config`` option, plain-text tables, and
+``printable`` for anything a command prints that a user or an image chose (paths, names)."""
 import os
+
+from spank_sif.errors import printable
 
 CONFIG_HELP = "site configuration (default $SPANK_SIF_CONFIG, else /etc/slurm/spank_sif.yaml)"
 
@@ -16,13 +19,9 @@ def site_config(args):
 
 
 def table(rows) -> list[str]:
-    """Rows of cells (the first one the heading) as left-aligned columns two spaces apart."""
-    rows = [[str(cell) for cell in row] for row in rows]
+    """Rows of cells (the first one the heading) as left-aligned columns two spaces apart, each
+    cell made printable (names and paths in tables come from users and images)."""
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
-
-def printable(text: str) -> str:
-    """``text`` safe for a terminal: anything unprintable (a newline, an escape) as ``\\xNN``.
-    Names and paths shown by commands can come from images and users."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)

@@ -8,7 +8,7 @@ import argparse
 import os
 
 from spank_sif import keys, luks2, sif
-from spank_sif.cli.common import add_config_option, site_config
+from spank_sif.cli.common import add_config_option, printable, site_config
 from spank_sif.errors import ImageError, KeyMaterialError, UsageError, WrongKeyError
 
 SQUASHFS_MAGIC = b"hsqs"
@@ -74,7 +74,7 @@ def verify_key(args) -> int:
         image = sif.read_sif(fd, name=args.image)
         part = image.primary_partition()
         if part.fs_type == sif.FsType.SQUASHFS:
-            print(f"{args.image}: not encrypted (plain squashfs): nothing to unlock, no key needed")
+            print(f"{printable(args.image)}: not encrypted (plain squashfs): nothing to unlock, no key needed")
             return 0
         try:
             volume = luks2.read_luks2(fd, part.offset, part.size)
@@ -84,7 +84,7 @@ def verify_key(args) -> int:
         keyslot = check_key(image, fd, volume, source, config.kdf_max_memory_kib)
     finally:
         os.close(fd)
-    print(f"{args.image}: the key from {source.describe()} opens keyslot {keyslot}")
+    print(f"{printable(args.image)}: the key from {printable(source.describe())} opens keyslot {keyslot}")
     return 0
 
 
@@ -163,7 +163,8 @@ def keygen(args) -> int:
     except UsageError:
         os.unlink(args.private)  # we just created it: leave nothing half done
         raise
-    print(f"wrote {args.private} (private, mode 0600) and {args.public} (public), RSA {args.bits} bits")
+    print(f"wrote {printable(args.private)} (private, mode 0600) and {printable(args.public)} (public), "
+          f"RSA {args.bits} bits")
     return 0
 
 

@@ -118,7 +118,7 @@ def cmd_list(args) -> int:
     for e in entries:
         rows.append((e["name"], e["job"], e["user"] or "-", e["status"] or "-", e["image"] or "-",
                      ",".join(e["mounts"]) or "-", _age(e["age"])))
-    for line in table([[printable(str(cell)) for cell in row] for row in rows]):
+    for line in table(rows):
         print(line)
     return 0
 

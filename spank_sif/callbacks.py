@@ -294,5 +294,11 @@ def dispatch(callback: str, sp, args: list) -> int:
             spank.log("error", f"{callback}: {err}")
         return -1
     except Exception:
-        spank.tell_user(_internal_error(callback))
+        message = _internal_error(callback)
+        if spank.context() == "remote" and callback == "init_post_opt":
+            step.error = step.error or message  # told in user_init, as every error of this callback
+            return 0
+        if spank.context() == "remote" and callback == "user_init":
+            step.error, step.reported = step.error or message, True  # fail closed: no task runs
+        spank.tell_user(message)
         return -1

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from slurm import PREFIX
-from slurm.fixtures import (HELLO, assert_one_error, cluster, kill_step, leftovers,  # noqa: F401
-                            mount_point, plain_images, sif_lines, site_yaml, slurm_cluster,
+from slurm.fixtures import (HELLO, assert_one_error, buggy_python, cluster, kill_step,  # noqa: F401
+                            leftovers, mount_point, plain_images, sif_lines, site_yaml, slurm_cluster,
                             wait_no_leftovers)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root]
@@ -302,3 +302,97 @@ def test_log_level_says_what_the_plugin_does_and_never_a_key(cluster, plain_imag
     steps = ("opened as sifuser", "loop device /dev/loop", "removed loop")
     assert all(any(s in line for line in lines) for s in steps) == logged, lines
     assert "log-secret-1234" not in new
+
+
+# ------------------------------------------------------------------ security: what reaches users
+
+# srun's verbosity: -vvv is srun's own; --slurmd-debug raises what slurmstepd and its tasks copy
+# from their log to the job's stderr (Slurm 22.05: errors always; info, verbose, debug with it).
+VERBOSITY = {"quiet": [], "srun -vvv": ["-vvv"], "slurmd-debug": ["--slurmd-debug=4"],
+             "both": ["-vvv", "--slurmd-debug=4"]}
+
+
+@pytest.fixture
+def read_only_dir(cluster):
+    """A directory on a read-only mount (a diskless node's root, as the plugin sees it)."""
+    path = cluster.root / "read-only"
+    path.mkdir(exist_ok=True)
+    os.chmod(path, 0o755)
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("verbosity", VERBOSITY)
+def test_mount_point_that_cannot_be_created_is_one_line_naming_the_setting(cluster, plain_images,
+                                                                            read_only_dir, verbosity):
+    """mount_point on a read-only file system (EROFS when the task creates it): one line for the
+    user naming the site key and file, however verbose srun is; no traceback anywhere."""
+    target = read_only_dir / "sif"
+    cluster.write_site_config(f"mount_point: {target}\n")
+    log = cluster.root / "log" / "slurmd.log"
+    before = len(log.read_text(errors="replace"))
+    out = cluster.run(["srun", *VERBOSITY[verbosity], "-n2", "--overcommit",
+                       f"--sif-image={plain_images['plain']}", "sh", "-c", "echo task ran"])
+    line = assert_one_error(out, str(target), "Read-only file system", "'mount_point' in",
+                            str(cluster.site_config))
+    assert "task ran" not in out.stdout
+    assert "Traceback" not in log.read_text(errors="replace")[before:]
+    assert wait_no_leftovers(cluster) == [], line
+
+
+INJECTED = [("srun", "remote:task_init_privileged", "quiet"),
+            ("srun", "remote:task_init_privileged", "srun -vvv"),
+            ("srun", "remote:task_init_privileged", "slurmd-debug"),
+            ("srun", "remote:task_init_privileged", "both"),
+            ("srun", "remote:user_init", "both"), ("srun", "remote:init_post_opt", "both"),
+            ("srun", "local:init_post_opt", "both"),
+            ("srun", "remote:exit", "both"),
+            ("sbatch", "remote:task_init_privileged", "quiet"), ("sbatch", "remote:exit", "quiet")]
+
+
+@pytest.mark.parametrize("command,callback,verbosity", INJECTED)
+def test_a_bug_shows_users_one_line_and_its_traceback_only_to_the_admin(
+        cluster, plain_images, buggy_python, command, callback, verbosity):
+    """A bug (an exception the engine does not expect) in a callback: the user sees the fixed
+    internal-error line, never the traceback or the exception's text, in srun's stderr or a batch
+    job's output, whatever srun's verbosity; slurmd's log has the traceback (made printable), or
+    for srun itself the system log."""
+    from spank_sif.callbacks import INTERNAL_ERROR, INTERNAL_ERROR_SUBMIT
+    buggy_python.break_callback(callback)
+    cluster.set_plugin(True, extra=[f"python={buggy_python.python}"])
+    log = cluster.root / "log" / "slurmd.log"
+    before = len(log.read_text(errors="replace"))
+    task = "echo task ran"
+    if command == "srun":
+        out = cluster.run(["srun", *VERBOSITY[verbosity], f"--sif-image={plain_images['plain']}", "sh", "-c",
+                           task])
+        seen = out.stdout + out.stderr
+    else:
+        output = "/home/sifuser/bug.out"
+        out = cluster.run(["sbatch", "--wait", "-o", output, f"--sif-image={plain_images['plain']}",
+                           "--wrap", f"srun {' '.join(VERBOSITY[verbosity])} sh -c '{task}'"])
+        cluster.wait_jobs_done()
+        seen = out.stdout + out.stderr + open(output).read()
+        os.unlink(output)
+    for secret in ("Traceback", "injected bug", "RuntimeError", "\x1b", "traceback marker"):
+        assert secret not in seen, seen
+    lines = sif_lines(seen)
+    if callback == "remote:exit":
+        # After the tasks. srun's connection is closed by then; a batch step's output file is
+        # still slurmstepd's stderr (Slurm's own "exit() failed" lines land there): at most the
+        # one fixed line.
+        assert "task ran" in seen and set(lines) <= {f"sif-image: {INTERNAL_ERROR}"}, seen
+        assert len(lines) == (command == "sbatch"), seen
+    else:
+        told = INTERNAL_ERROR_SUBMIT if callback.startswith("local:") else INTERNAL_ERROR
+        assert lines and set(lines) == {f"sif-image: {told}"}, seen
+        assert "task ran" not in seen, seen  # fail closed: no task runs without its image
+    if callback.startswith("remote:"):
+        new = log.read_text(errors="replace")[before:]
+        name = callback.split(":")[1]
+        assert "Traceback" in new and f"RuntimeError: injected bug in remote:{name} \\x1b[31m" in new
+        assert "\x1b" not in new
+    buggy_python.break_callback("")
+    assert wait_no_leftovers(cluster) == []

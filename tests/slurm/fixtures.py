@@ -3,6 +3,8 @@
 ``slurm_cluster``: one single-node Slurm per test session, the installed plugin in its plugstack.
 ``plain_images``: small SIF images made here (squashfs, no dm-crypt needed) in a world-readable dir.
 ``leftovers(cluster)``: whatever a job left on the node (loop devices, mounts, mappings, records).
+``buggy_python``: the plugin's Python with a bug injected into the callback it is told to break
+(``break_callback("remote:task_init_privileged")``).
 """
 import os
 import shutil
@@ -92,6 +94,65 @@ def plain_images(slurm_cluster):
     allowed.mkdir(mode=0o755, exist_ok=True)
     images["allowed"] = allowed
     return images
+
+
+FAULT_MODULE = """\
+# Injected by the test suite (tests/slurm/fixtures.py): the callback named in the file 'fault' next
+# to this venv ("<context>:<callback>", e.g. remote:user_init) raises, as a bug in spank-sif would.
+import os
+import spank_sif.callbacks as callbacks
+
+_FAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__)))),
+                      "fault")
+
+
+def _broken(handler, name):
+    def handler_with_a_bug(sp, args):
+        with open(_FAULT) as f:
+            if f.read().strip() == name:
+                raise RuntimeError("injected bug in " + name + " \\x1b[31m(traceback marker)")
+        return handler(sp, args)
+    return handler_with_a_bug
+
+
+for key, handler in list(callbacks.HANDLERS.items()):
+    callbacks.HANDLERS[key] = _broken(handler, ":".join(key))
+"""
+
+
+class BuggyPython:
+    """A second virtual environment of the plugin's own base interpreter that sees the installed
+    package and, at start-up (a .pth file), wraps every callback handler: the one named by
+    ``break_callback`` ("<context>:<callback>") raises. Point the plugstack line's python= at ``python``. Nothing of the
+    installed plugin changes: Slurm loads the same shared object."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.python = root / "bin" / "python3"
+        self.fault = root / "fault"
+
+    def create(self, prefix: str) -> "BuggyPython":
+        home = next(line.split("=", 1)[1].strip() for line in open(f"{prefix}/pyvenv.cfg")
+                    if line.startswith("home"))
+        subprocess.run([f"{home}/python3", "-m", "venv", "--without-pip", str(self.root)], check=True)
+        (site,) = self.root.glob("lib/python3*/site-packages")
+        (installed,) = Path(prefix).glob("lib/python3*/site-packages")
+        (site / "spank_sif_fault.py").write_text(FAULT_MODULE)
+        # One .pth: the installed packages join sys.path, then the fault module runs.
+        (site / "zz_spank_sif_fault.pth").write_text(f"{installed}\nimport spank_sif_fault\n")
+        self.break_callback("")
+        subprocess.run(["chmod", "-R", "a+rX", str(self.root)], check=True)
+        return self
+
+    def break_callback(self, name: str) -> None:
+        self.fault.write_text(name + "\n")
+        os.chmod(self.fault, 0o644)
+
+
+@pytest.fixture(scope="session")
+def buggy_python(slurm_cluster):
+    from slurm import PREFIX
+    return BuggyPython(slurm_cluster.root / "buggy-python").create(PREFIX)
 
 
 def sif_lines(stderr: str) -> list[str]:

@@ -15,12 +15,14 @@ once used: the copies that remain are the libraries' own (see docs/security-mode
 """
 import base64
 import binascii
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
+from spank_sif import errors
 from spank_sif.errors import ImageError, KeyMaterialError, WrongKeyError
-from spank_sif.secret import Secret, wipe, wipe_bytes
+from spank_sif.secret import Secret, make_undumpable, wipe, wipe_bytes
 
 # Apptainer's names first (its precedence: PEM path, PEM data, passphrase), then the
 # SingularityCE / Singularity 3.x twins, which Apptainer itself ignores but sites still use.
@@ -355,8 +357,83 @@ def luks_passphrase(image, fd: int, source: KeySource, read_user_file: Callable[
     if not messages:
         raise WrongKeyError(f"{source.variable} is a PEM key but this image was encrypted with a "
                             "passphrase (it holds no key message); use a passphrase variable instead")
-    with read_pem(source, read_user_file) as pem:
-        private_key = load_private_key(pem.value, source.describe())
     message = image.read_object(fd, messages[0], MAX_MESSAGE)
-    return unwrap_key(private_key, message)
+    with read_pem(source, read_user_file) as pem:
+        return unwrap_in_child(pem.value, message, source.describe())
+
+
+# What a child sends back: the key, or a SifError (class name, NUL, message), or a bug's traceback.
+_KEY, _ERROR, _BUG = b"K", b"E", b"B"
+_REPLY_MAX = MAX_MESSAGE + 4096  # more than any key a message can hold, and any error text
+
+
+def unwrap_in_child(pem, message: bytes, origin: str) -> Secret:
+    """``unwrap_key(load_private_key(pem, origin), message)``, done in a forked child that is not
+    dumpable and exits afterwards: only the unwrapped key comes back, into a Secret.
+
+    The libraries leave copies behind that no wipe reaches: cryptography hands the RSA numbers to
+    Python as integers and frees its own decryption buffer unwiped (most of the key survives in
+    freed memory). In a child that exits, all of it goes with the child's memory; the caller (a
+    slurmstepd that lives on, and dumps core if it crashes) never holds them. Errors come back
+    as the same SifError."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        os.close(read_end)
+        _unwrap_child(write_end, pem, message, origin)
+    os.close(write_end)
+    reply = bytearray(_REPLY_MAX)
+    try:
+        try:
+            size = _read_into(read_end, reply)
+        finally:
+            os.close(read_end)
+            os.waitpid(pid, 0)
+        kind, body = bytes(reply[:1]), memoryview(reply)[1:size]
+        if kind == _KEY and size > 1:
+            return Secret(bytearray(body))
+        if kind == _ERROR:
+            name, _, text = bytes(body).decode("utf-8", "replace").partition("\0")
+            error = getattr(errors, name, None)
+            raise (error if isinstance(error, type) and issubclass(error, errors.SifError)
+                   else KeyMaterialError)(text)
+        raise RuntimeError("unwrapping the PEM key failed in its child process: "
+                           + (bytes(body).decode("utf-8", "replace") if kind == _BUG else "no answer"))
+    finally:
+        wipe(reply)
+
+
+def _unwrap_child(out: int, pem, message: bytes, origin: str) -> None:
+    """The child of ``unwrap_in_child``: never returns."""
+    try:
+        make_undumpable()  # for good: this process holds the private key until it exits
+        try:
+            with unwrap_key(load_private_key(pem, origin), message) as key:
+                _write_all(out, _KEY)
+                _write_all(out, key.value)
+        except errors.SifError as err:
+            _write_all(out, _ERROR + f"{type(err).__name__}\0{err}".encode())
+        except BaseException:  # noqa: BLE001 - a bug: its traceback goes back to the caller
+            import traceback
+            _write_all(out, _BUG + traceback.format_exc().encode("utf-8", "replace")[-4000:])
+    finally:
+        os._exit(0)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_into(fd: int, buf: bytearray) -> int:
+    """Read ``fd`` to its end into ``buf`` (no bytes object on the way); the count read. More than
+    ``buf`` holds is an error: the child never sends that much."""
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        n = os.readv(fd, [view[got:]])
+        if not n:
+            return got
+        got += n
+    raise RuntimeError("the PEM key's child process sent more than a key")
 

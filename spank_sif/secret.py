@@ -26,7 +26,7 @@ class Secret:
         return self._buf
 
     def wipe(self) -> None:
-        self._buf[:] = bytes(len(self._buf))  # same-length slice assignment zeroes in place
+        wipe(self._buf)
         self._wiped = True
 
     def __len__(self):
@@ -56,8 +56,11 @@ def buffer(key) -> bytes | bytearray | memoryview:
 
 
 def wipe(data: bytearray) -> None:
-    """Zero a bytearray in place (a buffer that held key material on its way somewhere)."""
-    data[:] = bytes(len(data))
+    """Zero a bytearray in place (a buffer that held key material on its way somewhere). Through a
+    memoryview: that works while the buffer is exported (cffi, another view), a slice assignment
+    on the bytearray itself would not."""
+    with memoryview(data) as view:
+        view[:] = bytes(len(data))
 
 
 def wipe_bytes(data: bytes) -> None:
@@ -90,14 +93,20 @@ class Undumpable:
     __slots__ = ("_previous",)
 
     def __enter__(self):
-        self._previous = _prctl(PR_GET_DUMPABLE, 0)
-        if _prctl(PR_SET_DUMPABLE, 0) != 0:
-            raise OSError("prctl(PR_SET_DUMPABLE, 0) failed")
+        self._previous = make_undumpable()
         return self
 
     def __exit__(self, *exc):
         if self._previous in (0, 1):
             _prctl(PR_SET_DUMPABLE, self._previous)
+
+
+def make_undumpable() -> int:
+    """Make this process not dumpable (for good, unless set back); the previous setting."""
+    previous = _prctl(PR_GET_DUMPABLE, 0)
+    if _prctl(PR_SET_DUMPABLE, 0) != 0:
+        raise OSError("prctl(PR_SET_DUMPABLE, 0) failed")
+    return previous
 
 
 def dumpable() -> int:

@@ -8,7 +8,7 @@ The compiled module ``spank_sif._plugin`` is imported lazily, so the rest of the
 tests) works where the plugin has not been built.
 """
 from spank_sif.errors import SifError, printable
-from spank_sif.secret import Secret
+from spank_sif.secret import Secret, wipe
 
 CONTEXTS = {0: "error", 1: "local", 2: "remote", 3: "allocator", 4: "slurmd", 5: "job_script"}
 LOG_LEVELS = {"error": 0, "info": 1, "verbose": 2, "debug": 3}
@@ -129,7 +129,7 @@ def getenv_secret(sp, name: str) -> Secret | None:
             end = buf.find(0)
             return Secret(bytearray(memoryview(buf)[:end if end >= 0 else size]))
         finally:
-            buf[:] = bytes(size)
+            wipe(buf)
 
 
 def setenv(sp, name: str, value: str, overwrite: bool = True) -> None:

@@ -17,6 +17,7 @@ import stat
 from typing import NamedTuple
 
 from spank_sif.errors import ImageError, SifError, SystemSetupError, UsageError
+from spank_sif.secret import wipe
 
 # How long the child may take to open a file (a hung NFS server must not hang a job forever).
 OPEN_TIMEOUT_S = 60
@@ -204,7 +205,7 @@ def read_as_user(path: str, user: User, limit: int, *, what: str = "key file",
                 if got < room:
                     return bytearray(memoryview(buf)[:got])
             finally:
-                buf[:] = bytes(room)
+                wipe(buf)
         raise error(too_big)
     finally:
         os.close(fd)

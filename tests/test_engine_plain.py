@@ -253,3 +253,125 @@ def test_sweep_stale_only_touches_jobs_no_longer_running(site, tmp_path):
     assert [e["job"] for e in lifecycle.list_active(config)] == ["5002.0"]
     lifecycle.sweep_job("5002", config)
     assert leftovers(site["image"], site["state"], second) == []
+
+
+# ------------------------------------------------------------------ security: what users choose
+
+def test_list_and_messages_escape_what_users_chose(site):
+    """The real path of an image reached through a symlink whose target's name holds a newline and
+    an escape sequence: `list` shows it escaped (one line per session), JSON keeps it exact; an
+    error quoting such a path is one escaped line."""
+    d = site["dir"]
+    odd = d / "odd\nname\x1b[31m"
+    odd.mkdir()
+    os.chmod(odd, 0o755)
+    shutil.copy(site["image"], odd / "app.sif")
+    os.chmod(odd / "app.sif", 0o644)
+    (d / "link.sif").symlink_to(odd / "app.sif")
+    try:
+        opened = _open(site, image=d / "link.sif")
+        assert opened.returncode == 0, opened.stderr
+        table = cli("list", "--config", site["config"], check=True).stdout
+        assert "\x1b" not in table and table.count("\n") == 2, table  # heading + one session
+        assert "odd\\x0aname\\x1b[31m/app.sif" in table
+        listing = json.loads(cli("list", "--json", "--config", site["config"], check=True).stdout)
+        assert e_image(listing) == str(odd / "app.sif")
+        missing = _open(site, image=d / "gone\x1b]0;title\x07.sif")
+        assert missing.returncode == 3 and missing.stderr.count("\n") == 1, missing.stderr
+        assert "\x1b" not in missing.stderr and "\x07" not in missing.stderr
+        assert "gone\\x1b]0;title\\x07.sif does not exist" in missing.stderr
+    finally:
+        cli("close", site["target"], "--config", site["config"])
+        shutil.rmtree(odd)
+        (d / "link.sif").unlink()
+
+
+def test_real_path_longer_than_the_kernel_allows_is_one_line(site):
+    """A path the kernel cannot return (longer than PATH_MAX, reached through a relative path)."""
+    from spank_sif.errors import ImageError
+    from spank_sif.userfiles import User
+    here = os.open(".", os.O_RDONLY)
+    deep = os.open(site["dir"], os.O_RDONLY)
+    try:
+        for _ in range(25):  # 25 x 201 bytes
+            os.mkdir("d" * 200, 0o755, dir_fd=deep)
+            deep, parent = os.open("d" * 200, os.O_RDONLY, dir_fd=deep), deep
+            os.close(parent)
+        with open(os.open("x.sif", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=deep), "wb") as f:
+            f.write(site["image"].read_bytes())
+        os.fchdir(deep)
+        config = SiteConfig(state_dir=str(site["state"]))
+        with pytest.raises(ImageError, match="its full path is too long for this system"):
+            lifecycle.unlock("x.sif", User.from_name(USER), {}, "cli", config)
+    finally:
+        os.fchdir(here)
+        os.close(here)
+        os.close(deep)
+        shutil.rmtree(site["dir"] / ("d" * 200))
+    assert leftovers(site["image"], site["state"], site["target"]) == []
+
+
+def _acl_granting_write(uid: int) -> bytes:
+    """A POSIX access ACL (the kernel's xattr format) giving ``uid`` read and write."""
+    import struct
+    entry = struct.Struct("<HHI")
+    return struct.pack("<I", 2) + b"".join(entry.pack(tag, perm, ident) for tag, perm, ident in [
+        (0x01, 6, 0xFFFFFFFF), (0x02, 6, uid), (0x04, 4, 0xFFFFFFFF), (0x10, 6, 0xFFFFFFFF),
+        (0x20, 4, 0xFFFFFFFF)])
+
+
+# Who can change each image besides root, and which policies let the kernel mount it.
+KERNEL_MOUNT = {
+    # image: (encrypted, mounted under always, encrypted-only, root-owned)
+    "root_plain": (False, True, True, True),
+    "user_plain": (False, True, False, False),
+    "group_writable_plain": (False, True, False, False),
+    "acl_writable_plain": (False, True, False, False),
+    "user_encrypted": (True, True, True, False),
+    "root_encrypted": (True, True, True, True),
+}
+
+
+@pytest.fixture(scope="module")
+def policy_images(images):
+    d, plain = images
+    user = __import__("pwd").getpwnam(USER)
+    out = d / "policy"
+    out.mkdir()
+    sqfs = reftools.make_squashfs(out / "t", out / "t.sqfs", {"a": b"a" * 5000})
+    encrypted = reftools.sifref_build(out / "enc.sif", reftools.luks_encrypt_payload(
+        sqfs, out / "t.luks", b"pass"), fs="encrypted")
+    made = {}
+    for name, (is_encrypted, *_) in KERNEL_MOUNT.items():
+        path = out / f"{name}.sif"
+        shutil.copy(encrypted if is_encrypted else plain, path)
+        path.chmod(0o664 if name.startswith("group") else 0o644)
+        if name.startswith("user"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        if name.startswith("acl"):
+            os.setxattr(path, "system.posix_acl_access", _acl_granting_write(user.pw_uid))
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("policy", ["always", "encrypted-only", "root-owned"])
+@pytest.mark.parametrize("name", KERNEL_MOUNT)
+def test_kernel_mount_policy(site, policy_images, policy, name):
+    """kernel_mount decides, on the opened file, whether the kernel may parse it: a plain image its
+    owner, its group or an ACL entry lets a user change is refused under encrypted-only and
+    root-owned, an encrypted one only under root-owned; refused before any key work."""
+    encrypted, *allowed = KERNEL_MOUNT[name]
+    mounted = allowed[["always", "encrypted-only", "root-owned"].index(policy)]
+    config = write_config(site["tmp"] / "policy.yaml", state_dir=str(site["state"]), kernel_mount=policy)
+    proc = cli("open", policy_images[name], site["target"], "--user", USER, "--config", config,
+               env={"APPTAINER_ENCRYPTION_PASSPHRASE": "pass"})
+    if mounted:
+        assert "kernel_mount" not in proc.stderr, proc.stderr
+        # Plain: mounted. Encrypted: through the policy, as far as this kernel goes.
+        no_dm_crypt = encrypted and not dmcrypt._control_works()
+        assert proc.returncode == (7 if no_dm_crypt else 0), proc.stderr
+        cli("close", site["target"], "--config", config)
+    else:
+        assert proc.returncode == 5 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"kernel_mount: {policy}" in proc.stderr and "can be changed by" in proc.stderr
+    assert leftovers(policy_images[name], site["state"], site["target"]) == []

@@ -130,3 +130,22 @@ def test_file_only_its_owner_may_read_opens(users, wd):
     os.close(open_as_user(str(mine), user))
     with pytest.raises(ImageError, match="cannot read"):
         open_as_user(str(mine), other)
+
+
+def test_descriptors_of_the_caller_do_not_reach_the_child(users, wd):
+    """root holds a file the user may read but not reach (its directory is root's alone); the child
+    that opens as the user must not inherit that descriptor, or /proc/self/fd/N reopens it with the
+    user's rights, around the directory that protects it."""
+    user, _ = users
+    closed = wd / "root-only"
+    closed.mkdir(mode=0o700)
+    secret = _file(closed / "secret", 0o644, b"root's\n")
+    with pytest.raises(ImageError, match="cannot read"):
+        open_as_user(str(secret), user)  # by its path: refused
+    held = os.open(secret, os.O_RDONLY)  # inheritable or not: the fork copies it
+    try:
+        for fd in (held, 0, 1, 2):
+            with pytest.raises(ImageError):
+                os.close(open_as_user(f"/proc/self/fd/{fd}", user))
+    finally:
+        os.close(held)

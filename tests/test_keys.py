@@ -3,6 +3,8 @@ reference builder's messages), and the luks_passphrase recipe on images laid out
 import base64
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -459,3 +461,73 @@ def test_fuzz_damaged_key_numbers(rsa_key, changes):
                                        ("SITE_PASSPHRASE", "passphrase"), ("SITE_KEY", None)])
 def test_a_variables_kind_comes_from_its_suffix(name, kind):
     assert keys.kind_of(name) == kind
+
+
+# ---------------------------------------------------------------------------------------------
+# What is left in memory
+
+UNWRAP_IN_A_FRESH_PROCESS = """
+import os, sys
+from spank_sif import keys, sif, userfiles
+image_path, pem_path = sys.argv[1:3]
+fd = os.open(image_path, os.O_RDONLY)
+image = sif.read_sif(fd, name=image_path)
+source = keys.KeySource("pem_path", "APPTAINER_ENCRYPTION_PEM_PATH", path=pem_path)
+root = userfiles.User.from_uid(0)
+read = lambda path: userfiles.read_as_user(path, root, keys.MAX_PEM_FILE, what="PEM key file")
+with keys.luks_passphrase(image, fd, source, read) as passphrase:
+    print(len(passphrase), flush=True)
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _memory(pid: int):
+    """(start, bytes) of every readable mapping of process ``pid`` (root reads /proc/<pid>/mem)."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or line.rstrip().endswith(("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                yield start, mem.read(end - start)
+            except OSError:
+                continue
+
+
+@pytest.mark.root
+def test_after_an_unwrap_no_copy_of_the_key_or_the_pem_text_is_left(tmp_path):
+    """A fresh process reads a PEM key file (as the user, into a buffer of its own), unwraps an
+    image's 64-byte LUKS key with it, and wipes what it holds. Its whole memory (freed heap
+    included) then holds neither half of the unwrapped key, nor a line of the PEM text, nor the DER
+    key: every buffer it owned on the way was wiped, and the libraries' own unwiped copies (the
+    RSA numbers, cryptography's decryption buffer) stayed in the child that did the RSA work."""
+    if os.geteuid() != 0:
+        pytest.skip("reads another process's memory and opens files as a user")
+    private, public = keys.generate_key_pair(2048)
+    luks_key = os.urandom(64)
+    image = tmp_path / "pem.sif"
+    message = keys.wrap_key(serialization.load_pem_public_key(public), luks_key)
+    sif.write_sif(str(image), sif.apptainer_layout(b"\0" * 4096, crypto_message=message))
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(private)
+    pem.chmod(0o600)
+    body = private.splitlines()[1:-1]
+    der = serialization.load_pem_private_key(private, None).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption())
+    # Halves and inner parts: a freed buffer's first bytes are the allocator's, the rest stays.
+    needles = {"the unwrapped key": (luks_key[:32], luks_key[32:]), "the DER key": (der[200:240],),
+               **{f"PEM line {i}": (body[i][16:],) for i in (3, len(body) // 2, len(body) - 3)}}
+    proc = subprocess.Popen([sys.executable, "-c", UNWRAP_IN_A_FRESH_PROCESS, str(image), str(pem)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(reftools.REPO)))
+    try:
+        assert proc.stdout.readline().strip() == "64" and proc.stdout.readline().strip() == "done"
+        found = {name for _, data in _memory(proc.pid) for name, parts in needles.items()
+                 if any(part in data for part in parts)}
+    finally:
+        proc.communicate("\n", timeout=30)
+    assert found == set()

@@ -9,7 +9,7 @@ import pytest
 
 from spank_sif import callbacks, options
 from spank_sif.errors import SifError
-from spank_sif.secret import Secret
+from spank_sif.secret import Secret, dumpable
 
 SECRET = "correct horse battery staple"
 
@@ -271,3 +271,62 @@ def test_output_router_sends_lines_to_the_log(fake):
 
 def test_errors_are_sif_errors():
     assert issubclass(callbacks.spank.SpankCallError, SifError)
+
+
+# ------------------------------------------------------------------ the key while it is held
+
+class RecordingSpank(FakeSpank):
+    """Also records, for every call, whether this process was dumpable (the kernel's answer)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.str_reads, self.secrets, self.dumpable_at = [], [], []
+
+    def getenv(self, sp, name):
+        self.str_reads.append(name)
+        return super().getenv(sp, name)
+
+    def getenv_secret(self, sp, name):
+        self.dumpable_at.append((f"read {name}", dumpable()))
+        value = super().getenv_secret(sp, name)
+        if value is not None:
+            self.secrets.append(value)
+        return value
+
+    def log(self, level, message):
+        self.dumpable_at.append((message, dumpable()))
+        super().log(level, message)
+
+
+@pytest.mark.root
+def test_key_variables_are_read_into_secrets_and_held_undumpable(monkeypatch, site, tmp_path):
+    """On a node, the key variables are read straight into Secrets (never a str) and wiped after
+    the unlock; slurmstepd is not dumpable from reading them until the unlock is done (the engine's
+    own log line from inside the unlock shows it), and dumpable again afterwards."""
+    import reftools
+    from spank_sif import sif
+    if os.geteuid() != 0:
+        pytest.skip("unlocks a real plain image (loop device)")
+    sqfs = reftools.make_squashfs(tmp_path / "tree", tmp_path / "root.sqfs", {"hello.txt": b"hi\n"})
+    image = tmp_path / "plain.sif"
+    sif.write_sif(str(image), sif.apptainer_layout(sqfs.read_bytes(), sif.FsType.SQUASHFS))
+    spank = RecordingSpank(option=str(image), state_dir=str(tmp_path / "state"),
+                           job_env={"APPTAINER_ENCRYPTION_PASSPHRASE": SECRET,
+                                    "SINGULARITY_ENCRYPTION_PEM_DATA": SECRET})
+    monkeypatch.setattr(callbacks, "spank", spank)
+    monkeypatch.setattr(callbacks, "step", callbacks.Step())
+    args = site("log_level: verbose\n")
+    assert dumpable() == 1
+    try:
+        assert callbacks.dispatch("init_post_opt", None, args) == 0, spank.everything_said()
+        assert callbacks.step.unlocked is not None, spank.everything_said()
+        assert dumpable() == 1
+    finally:
+        callbacks.dispatch("exit", None, args)
+    assert not set(spank.str_reads) & set(callbacks.step.config.key_variables)
+    assert len(spank.secrets) == 2 and all(bytes(s._buf) == bytes(len(s)) for s in spank.secrets)
+    during = dict(spank.dumpable_at)
+    opened = [dumped for message, dumped in spank.dumpable_at if "opened as" in message]
+    assert opened == [0], spank.dumpable_at
+    assert during["read APPTAINER_ENCRYPTION_PASSPHRASE"] == 0
+    assert SECRET not in spank.everything_said()

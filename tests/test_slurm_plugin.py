@@ -24,13 +24,19 @@ pytestmark = [pytest.mark.slurm, pytest.mark.root]
 SHOW = 'echo "root=$SIF_IMAGE_ROOT image=$SLURM_SIF_IMAGE"; cat "$SIF_IMAGE_ROOT/hello.txt"'
 
 
-def user_copy(cluster, image, user="sifuser", name="app.sif"):
-    """A copy of ``image`` in the user's home (for relative paths), owned by the user."""
+def user_copy(cluster, image, user="sifuser", name="app.sif", owner="root"):
+    """A copy of ``image`` in the user's home (for relative paths). Root's by default: the site's
+    default kernel_mount (encrypted-only) mounts a plain image only when nobody but root can
+    change it."""
     home = f"/home/{user}"
     dest = os.path.join(home, name)
+    if os.path.lexists(dest):  # a new file: an old one keeps its owner
+        os.unlink(dest)
     with open(image, "rb") as src, open(dest, "wb") as out:
         out.write(src.read())
-    os.chown(dest, *_ids(user))
+    os.chmod(dest, 0o644)
+    if owner != "root":
+        os.chown(dest, *_ids(owner))
     return dest
 
 
@@ -395,4 +401,48 @@ def test_a_bug_shows_users_one_line_and_its_traceback_only_to_the_admin(
         assert "Traceback" in new and f"RuntimeError: injected bug in remote:{name} \\x1b[31m" in new
         assert "\x1b" not in new
     buggy_python.break_callback("")
+    assert wait_no_leftovers(cluster) == []
+
+
+# The site's kernel_mount policy on a node: plain images a user can change are refused by
+# default, encrypted ones only under root-owned, before any key or dm-crypt work.
+KERNEL_MOUNT = [
+    # policy (None: the default), image, owner of the copy, words in the one line (None: it runs)
+    (None, "plain", "sifuser", ["can be changed by its owner (sifuser)", "kernel_mount: encrypted-only"]),
+    (None, "plain", "root", None),
+    ("always", "plain", "sifuser", None),
+    ("root-owned", "plain", "sifuser", ["kernel_mount: root-owned"]),
+    ("root-owned", "encrypted", "sifuser", ["can be changed by its owner (sifuser)", "kernel_mount: root-owned"]),
+    ("root-owned", "plain", "root", None),
+]
+
+
+@pytest.mark.parametrize("policy,image,owner,words", KERNEL_MOUNT)
+def test_kernel_mount_policy_on_the_node(cluster, plain_images, policy, image, owner, words):
+    cluster.write_site_config(site_yaml(cluster, f"kernel_mount: {policy}\n" if policy else ""))
+    path = user_copy(cluster, plain_images[image], name=f"policy-{image}.sif", owner=owner)
+    try:
+        out = cluster.run(["srun", f"--sif-image={path}", "sh", "-c", 'cat "$SIF_IMAGE_ROOT/hello.txt"'],
+                          env={"APPTAINER_ENCRYPTION_PASSPHRASE": "secret-pass"})
+        if words is None:
+            assert out.returncode == 0 and HELLO.decode() in out.stdout, out.stderr
+        else:
+            assert_one_error(out, *words)
+    finally:
+        os.unlink(path)
+    assert wait_no_leftovers(cluster) == []
+
+
+def test_paths_users_choose_reach_terminals_and_logs_escaped(cluster):
+    """An image path with an escape sequence and a bell: the user's line and slurmd's log show
+    them escaped, never raw."""
+    log = cluster.root / "log" / "slurmd.log"
+    before = len(log.read_text(errors="replace"))
+    path = "/nonexistent/\x1b]0;owned\x07\x1b[2Japp.sif"
+    out = cluster.run(["srun", f"--sif-image={path}", "true"])
+    line = assert_one_error(out, "/nonexistent/\\x1b]0;owned\\x07\\x1b[2Japp.sif does not exist")
+    new = log.read_text(errors="replace")[before:]
+    assert "/nonexistent/\\x1b]0;owned" in new, new
+    for raw in ("\x1b", "\x07"):
+        assert raw not in out.stderr + out.stdout + new, line
     assert wait_no_leftovers(cluster) == []

@@ -2,17 +2,21 @@
 
 Each module of this package adds its sub-commands with ``register(subparsers)``; a handler takes the
 parsed arguments and returns the exit code. Every ``SifError`` ends as one line on stderr
-(``spank-sif: <message>``) and its ``exit_code``; nothing a user can cause prints a traceback.
+(``spank-sif: <message>``) and its ``exit_code``; a bug is one line too (exit 1), its traceback
+shown only with ``SPANK_SIF_TRACEBACK=1``.
 Paths and names come from users and images: commands quote them through ``printable``, and while a
 command runs its standard output and error pass any character that would drive a terminal (an
 escape sequence, a carriage return, a bidirectional override) as an escape, whatever printed it.
 """
 import argparse
 import importlib
+import os
 import sys
 
 from spank_sif import __version__
 from spank_sif.errors import SifError, printable
+
+TRACEBACK_VARIABLE = "SPANK_SIF_TRACEBACK"  # set: a bug shows its traceback instead of one line
 
 # Sub-command -> the module of this package that defines it, in --help order. A command line that
 # names its command imports only that module: start-up is part of every command's cost.
@@ -27,7 +31,7 @@ COMMANDS = {
 
 EXIT_CODES = """exit codes:
   0   success
-  1   internal error (a bug: please report it)
+  1   internal error (a bug: please report it; SPANK_SIF_TRACEBACK=1 shows where)
   2   wrong key: no keyslot of the image accepts the key
   3   unusable image (not SIF, malformed, truncated, unsupported format)
   4   unusable key material (no key, bad or encrypted PEM, unreadable key file)
@@ -98,3 +102,9 @@ def _main(argv) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as exc:  # a bug: one line, the traceback only when asked for
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(f"spank-sif: internal error ({type(exc).__name__}: {exc}); this is a bug, please report it "
+              f"with what {TRACEBACK_VARIABLE}=1 shows", file=sys.stderr)
+        return 1

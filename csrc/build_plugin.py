@@ -124,7 +124,7 @@ def make_builder() -> FFI:
         exports = hashlib.sha256(f.read()).hexdigest()[:16]
     paths = (f"#define SHIM_LIBPYTHON {_c_string(os.path.join(libdir, soname))}\n"
              f"#define SHIM_PYTHON {_c_string(_python_executable())}\n"
-             f"/* built with {' '.join(HARDENING_COMPILE + HARDENING_LINK[:2])}; exports.map {exports} */\n")
+             f"/* built with {' '.join(HARDENING_COMPILE + HARDENING_LINK)}; exports.map {exports} */\n")
     ffi.set_source(
         "spank_sif._plugin", paths + source,
         libraries=["python" + sysconfig.get_config_var("LDVERSION")],

@@ -61,7 +61,7 @@ class _TerminalSafe:
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default exits 2, which means "wrong key" here
         self.print_usage(sys.stderr)
-        print(f"{self.prog}: {message}", file=sys.stderr)
+        print(f"{self.prog}: {printable(message)}", file=sys.stderr)
         sys.exit(64)
 
 
@@ -105,6 +105,6 @@ def _main(argv) -> int:
     except Exception as exc:  # a bug: one line, the traceback only when asked for
         if os.environ.get(TRACEBACK_VARIABLE):
             raise
-        print(f"spank-sif: internal error ({type(exc).__name__}: {exc}); this is a bug, please report it "
-              f"with what {TRACEBACK_VARIABLE}=1 shows", file=sys.stderr)
+        print(printable(f"spank-sif: internal error ({type(exc).__name__}: {exc}); this is a bug, please "
+                        f"report it with what {TRACEBACK_VARIABLE}=1 shows"), file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -375,3 +376,26 @@ def test_kernel_mount_policy(site, policy_images, policy, name):
         assert proc.returncode == 5 and proc.stderr.count("\n") == 1, proc.stderr
         assert f"kernel_mount: {policy}" in proc.stderr and "can be changed by" in proc.stderr
     assert leftovers(policy_images[name], site["state"], site["target"]) == []
+
+
+@pytest.mark.parametrize("policy", ["always", "encrypted-only", "root-owned"])
+def test_kernel_mount_policy_does_not_trust_a_fuse_file(site, policy):
+    """A FUSE server reports whatever owner and mode it likes (here root's, 0644) and can change the
+    data at any time: only `always` mounts a plain image it serves."""
+    from fusefs import FuseFile
+    where = site["dir"] / f"fuse-{policy}"
+    where.mkdir()
+    config = write_config(site["tmp"] / "policy.yaml", state_dir=str(site["state"]), kernel_mount=policy)
+    try:
+        with FuseFile(where, site["image"].read_bytes(), uid=0, mode=0o644) as image:
+            proc = cli("open", image, site["target"], "--user", USER, "--config", config)
+            if policy == "always":
+                assert proc.returncode == 0, proc.stderr
+                assert (site["target"] / "hello.txt").read_bytes() == FILES["hello.txt"]
+                assert cli("close", site["target"], "--config", config).returncode == 0
+            else:
+                assert proc.returncode == 5 and proc.stderr.count("\n") == 1, proc.stderr
+                assert "the user-space process serving its file system (fuse)" in proc.stderr
+            assert leftovers(Path(image), site["state"], site["target"]) == []
+    finally:
+        where.rmdir()

@@ -48,13 +48,14 @@ kdf_max_memory_kib: 65536
 kdf_max_parallel: 2
 state_dir: /run/sif-state
 log_level: debug
+kernel_mount: root-owned
 """)
     assert cfg.mount_point == "/sif-root"
     assert cfg.key_variables == ("SITE_PASSPHRASE", "APPTAINER_ENCRYPTION_PEM_PATH")
     assert cfg.allowed_image_paths == ("/project", "/apps/images")
     assert (cfg.strip_key_variables, cfg.allow_unencrypted) == (False, False)
     assert (cfg.kdf_max_memory_kib, cfg.kdf_max_parallel) == (65536, 2)
-    assert (cfg.state_dir, cfg.log_level) == ("/run/sif-state", "debug")
+    assert (cfg.state_dir, cfg.log_level, cfg.kernel_mount) == ("/run/sif-state", "debug", "root-owned")
 
 
 BAD = [
@@ -77,6 +78,8 @@ BAD = [
     ("allowed_image_paths: [project]", "'allowed_image_paths' must be an absolute path"),
     ("state_dir: run/x", "'state_dir' must be an absolute path"),
     ("log_level: loud", "'log_level' must be one of error, info, verbose, debug"),
+    ("kernel_mount: sometimes", "'kernel_mount' must be one of always, encrypted-only, root-owned"),
+    ("kernel_mount: true", "'kernel_mount' must be a string, got bool True"),
     ("- a\n- b", "must be a mapping of settings, got list"),
     ("mount_point: [unclosed", "not valid YAML at line 2"),
     ("a: b: c", "not valid YAML at line 1"),
@@ -115,3 +118,11 @@ def test_every_setting_has_a_check():
 def test_a_key_set_twice_is_an_error_not_the_last_one_winning(text):
     with pytest.raises(ConfigError, match="is set twice .line 3|is set twice .line 2"):
         config.parse_config(text, "site.yaml")
+
+
+def test_kernel_mount_defaults_to_encrypted_only_and_messages_name_the_setting(tmp_path):
+    assert SiteConfig().kernel_mount == "encrypted-only"
+    assert SiteConfig().setting("mount_point") == "'mount_point' in /etc/slurm/spank_sif.yaml"
+    p = tmp_path / "site.yaml"
+    p.write_text("mount_point: /sif\n")
+    assert load_config(str(p)).setting("mount_point") == f"'mount_point' in {p}"

@@ -9,8 +9,10 @@ key variables) just to hold one.
 class Secret:
     """Owns secret bytes in a bytearray; ``wipe()`` (or leaving the ``with`` block) zeroes them.
 
-    Python cannot zero the immutable copies libraries make on the way (environment strings, a
-    file's bytes, OpenSSL's objects): this limits the damage, it does not prevent copies."""
+    Python cannot zero the immutable copies libraries make on the way (cryptography's integers,
+    its own buffers): this limits the damage, it does not prevent copies. Where a key passes
+    through such a library the work is done in a child process that exits
+    (``keys.unwrap_in_child``), and slurmstepd holds keys inside ``Undumpable``."""
 
     __slots__ = ("_buf", "_wiped")
 

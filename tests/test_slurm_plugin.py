@@ -377,6 +377,7 @@ def test_a_bug_shows_users_one_line_and_its_traceback_only_to_the_admin(
     if command == "srun":
         out = cluster.run(["srun", *VERBOSITY[verbosity], f"--sif-image={plain_images['plain']}", "sh", "-c",
                            task])
+        cluster.wait_jobs_done()  # srun may return before its step's exit callback ran
         seen = out.stdout + out.stderr
     else:
         output = "/home/sifuser/bug.out"

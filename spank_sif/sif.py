@@ -333,8 +333,8 @@ class SifImage(NamedTuple):
                 f"{self.name}: the primary partition (id {part.id}) holds a {label(part.fs_type)} "
                 "file system; spank-sif runs squashfs and LUKS2-encrypted squashfs partitions only")
         if part.size == 0:  # to a loop device, size 0 means "to the end of the file"
-            raise ImageError(f"{self.name}: the primary partition (id {part.id}) is empty (0 bytes): "
-                             "the image is damaged, rebuild it")
+            raise UnsupportedImageError(f"{self.name}: the primary partition (id {part.id}) is empty "
+                                        "(0 bytes): the image is damaged, rebuild it")
         return part
 
     def crypto_messages(self, part: Descriptor) -> list[Descriptor]:

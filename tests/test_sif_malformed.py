@@ -179,9 +179,9 @@ def test_truncated_reference_image_is_an_image_error(cut):
     (partition_image(sif.FsType.ENCRYPTED_SQUASHFS, count=2), UnsupportedImageError,
      "2 primary system partitions (ids 1, 2)"),
     # Size 0 would make the loop device span the rest of the file (the kernel's "no limit").
-    (build([sif.SifObject.partition(b"", sif.FsType.SQUASHFS, sif.PartType.PRIMSYS)]), ImageError,
+    (build([sif.SifObject.partition(b"", sif.FsType.SQUASHFS, sif.PartType.PRIMSYS)]), UnsupportedImageError,
      "primary partition (id 1) is empty (0 bytes)"),
-    (with_descriptor(partition_image(sif.FsType.ENCRYPTED_SQUASHFS), 0, size=0), ImageError,
+    (with_descriptor(partition_image(sif.FsType.ENCRYPTED_SQUASHFS), 0, size=0), UnsupportedImageError,
      "is empty (0 bytes)"),
 ], ids=["gocryptfs", "ext3", "raw", "unknown-fs", "data-partition-only", "no-partition", "two-primaries",
         "empty-partition", "size-zero-encrypted"])

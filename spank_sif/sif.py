@@ -16,6 +16,7 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Callable
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -490,10 +491,11 @@ def open_image(path: str) -> int:
 
 
 class SifObject(NamedTuple):
-    """A data object to write: ``data`` is bytes, or the path of a file whose content is copied."""
+    """A data object to write: ``data`` is bytes, the path of a file whose content is copied, or a
+    function ``fill(fd, offset) -> size`` that writes the content itself (streaming writers)."""
 
     data_type: DataType
-    data: bytes | str | os.PathLike
+    data: bytes | str | os.PathLike | Callable[[int, int], int]
     group: int = 1                  # 0: no group
     link: int = 0                   # object ID (or group ID with link_is_group); 0: none
     link_is_group: bool = False
@@ -576,8 +578,10 @@ def write_sif(target, objects, *, launch_script: str = LAUNCH_SCRIPT, image_id: 
 
 
 def _write_data(fd: int, offset: int, data) -> int:
-    """Write ``data`` (bytes or a file's path) at ``offset``; returns its size. All-zero chunks of
-    a file are skipped, so sparse input (a LUKS2 header area) stays sparse."""
+    """Write ``data`` (bytes, a file's path or a fill function) at ``offset``; returns its size.
+    All-zero chunks of a file are skipped, so sparse input (a LUKS2 header area) stays sparse."""
+    if callable(data):
+        return data(fd, offset)
     if isinstance(data, (bytes, bytearray, memoryview)):
         _pwrite_all(fd, bytes(data), offset)
         return len(data)

@@ -22,7 +22,7 @@ TRACEBACK_VARIABLE = "SPANK_SIF_TRACEBACK"  # set: a bug shows its traceback ins
 # names its command imports only that module: start-up is part of every command's cost.
 COMMANDS = {
     "inspect": "inspect",
-    "verify-key": "keys", "keygen": "keys",
+    "verify-key": "keys", "keygen": "keys", "encrypt": "encrypt",
     "open": "node", "close": "node", "list": "node", "epilog": "node", "cleanup": "node",
     "plugin-path": "plugin", "plugstack-line": "plugin",
     "doctor": "doctor",

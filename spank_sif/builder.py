@@ -176,10 +176,14 @@ def _source(path: str, fd: int) -> Source:
 def _plain_partition(image: sif.SifImage, path: str) -> sif.Descriptor:
     found = [d for d in image.descriptors
              if d.type == sif.DataType.PARTITION and d.part_type == sif.PartType.PRIMSYS]
-    if len(found) == 1 and found[0].fs_type in (sif.FsType.ENCRYPTED_SQUASHFS, sif.FsType.GOCRYPTFS_SQUASHFS):
-        raise UnsupportedImageError(f"{path}: already encrypted ({sif.label(found[0].fs_type)} primary "
-                                    "partition); give the plain image it was made from")
-    return image.primary_partition()  # no, several, or not squashfs: its message says which
+    if len(found) == 1 and found[0].fs_type != sif.FsType.SQUASHFS:
+        part = found[0]
+        if part.fs_type in (sif.FsType.ENCRYPTED_SQUASHFS, sif.FsType.GOCRYPTFS_SQUASHFS):
+            raise UnsupportedImageError(f"{path}: already encrypted ({sif.label(part.fs_type)} primary "
+                                        "partition); give the plain image it was made from")
+        raise UnsupportedImageError(f"{path}: the primary partition (id {part.id}) holds a "
+                                    f"{sif.label(part.fs_type)} file system; encrypt takes squashfs only")
+    return image.primary_partition()  # none or several: its message says which
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +353,7 @@ def format_header(path: str, luks_key, volume_key, kdf: Kdf, sector_size: int) -
         if write_end >= 0:
             os.close(write_end)
     if done.returncode != 0:
-        reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        reason = " ".join(done.stderr.decode(errors="replace").split()) or f"exit {done.returncode}"
         raise SystemSetupError(f"cryptsetup could not make the LUKS2 header: {reason}")
     _check_header(path, volume_key, kdf, sector_size)
 

@@ -245,10 +245,16 @@ def build_encrypted_image(source_path: str, out: str, *, passphrase=None, public
 
 
 def check_target(out: str, force: bool) -> None:
+    """Refuse an OUT that cannot be written before any work (and before a passphrase is asked for)."""
     if os.path.isdir(out):
         raise UsageError(f"{out} is a directory; name the image file to write")
     if os.path.lexists(out) and not force:
         raise UsageError(f"{out} already exists; use --force to replace it")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise UsageError(f"{out}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"{out}: you cannot create files in {directory}")
 
 
 def _check_space(out: str, src: Source, data_size: int) -> None:

@@ -455,6 +455,10 @@ def test_out_exists_refused_unless_force(work, squashfs):
     done = as_nobody(work, "encrypt", "rootfs.sqfs", "enc.sif", "--passphrase-file", "pass.txt", *CHEAP_KDF)
     assert done.returncode == 64 and "already exists; use --force" in one_line_error(done)
     assert (work / "enc.sif").read_bytes() == b"precious"
+    for out, words in (("nowhere/enc.sif", "does not exist"), ("/enc.sif", "cannot create files in /"),
+                       ("tmp", "is a directory")):
+        done = as_nobody(work, "encrypt", "rootfs.sqfs", out, "--passphrase-file", "pass.txt", *CHEAP_KDF)
+        assert done.returncode == 64 and words in one_line_error(done), (out, done.stderr)
     done = as_nobody(work, "encrypt", "rootfs.sqfs", "enc.sif", "--passphrase-file", "pass.txt", *CHEAP_KDF,
                      "--force")
     assert done.returncode == 0, done.stderr

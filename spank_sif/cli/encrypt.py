@@ -96,7 +96,8 @@ def encrypt(args) -> int:
     os.close(builder.open_source(args.source).fd)
     builder.check_target(args.out, args.force)
     for signum in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: remove what was started
-        signal.signal(signum, _interrupt)
+        if signal.getsignal(signum) != signal.SIG_IGN:  # but nohup's choice stands
+            signal.signal(signum, _interrupt)
     bar = _Progress() if sys.stderr.isatty() else None
     try:
         built = _build(args, kdf, bar)

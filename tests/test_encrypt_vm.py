@@ -33,6 +33,8 @@ def wd(ref_images):
     reftools.sifref_build(d / "plain-pass.sif", r.squashfs, fs="squashfs", deffile=r.file("deffile"),
                           json={"inspect-metadata.json": r.file("labels.json")})
     reftools.sifref_build(d / "plain-pem.sif", r.squashfs, fs="squashfs", deffile=r.file("deffile"))
+    shutil.copy(r.pem_private, d / "rsa2048.pem")  # the job's user reads it on the node
+    (d / "rsa2048.pem").chmod(0o644)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -88,7 +90,7 @@ LUKS_HEADER_REGION = builder.LUKS_DATA_OFFSET
 def _open_with_the_engine(ref_images, image: Path, mode: str, tmp_path: Path) -> None:
     config = SiteConfig(state_dir=str(tmp_path / "state"))
     env = ({"APPTAINER_ENCRYPTION_PASSPHRASE": ref_images.pass_file.read_text()} if mode == "pass"
-           else {"APPTAINER_ENCRYPTION_PEM_PATH": str(ref_images.pem_private)})
+           else {"APPTAINER_ENCRYPTION_PEM_PATH": str(image.parent / "rsa2048.pem")})
     target = tmp_path / "mnt"
     target.mkdir(exist_ok=True)
     unlocked = lifecycle.unlock(str(image), User.from_name(USER), env, "cli", config)

@@ -17,6 +17,7 @@ The image is written to a hidden temporary file next to OUT, checked (the keyslo
 asked for, the volume key matches the header's digest, the first sector decrypts to a squashfs) and
 only then renamed to OUT: a failure or an interruption leaves nothing behind.
 """
+import contextlib
 import hashlib
 import hmac
 import os
@@ -26,11 +27,13 @@ import stat
 import struct
 import subprocess
 import tempfile
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from spank_sif import keys, luks2, sif
 from spank_sif.errors import (ImageError, KeyMaterialError, SystemSetupError, UnsupportedImageError,
                               UsageError)
+from spank_sif.secret import Secret
 
 LUKS_DATA_OFFSET = 16 << 20   # Apptainer's layout with cryptsetup >= 2.1: header region, then data
 CIPHER = "aes-xts-plain64"
@@ -143,7 +146,7 @@ def open_source(path: str) -> Source:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as err:
-        raise ImageError(f"{path}: cannot open it: {err.strerror}") from None
+        raise ImageError(f"{path}: cannot open it: {err.strerror}") from err
     try:
         return _source(path, fd)
     except BaseException:
@@ -200,12 +203,14 @@ class BuiltImage(NamedTuple):
 
 
 def build_encrypted_image(source_path: str, out: str, *, passphrase=None, public_key=None,
-                          kdf: Kdf = Kdf(), sector_size: int = DEFAULT_SECTOR_SIZE, force: bool = False,
+                          kdf: Kdf | None = None, sector_size: int = DEFAULT_SECTOR_SIZE, force: bool = False,
                           progress: Callable[[int, int], None] | None = None) -> BuiltImage:
     """Write ``out``: ``source_path`` (a plain SIF or a bare squashfs) with its squashfs encrypted,
     laid out as Apptainer lays out an encrypted image. Passphrase mode with ``passphrase`` (bytes or
-    ``keys.Secret``), PEM mode with ``public_key`` (an RSA public key, see ``load_public_key``).
-    ``progress(done, total)`` is called as data is encrypted. ``out`` is replaced only if ``force``."""
+    ``Secret``), PEM mode with ``public_key`` (an RSA public key, see ``load_public_key``); ``kdf``
+    defaults to ``Kdf()``. ``progress(done, total)`` is called as data is encrypted. ``out`` is
+    replaced only if ``force``."""
+    kdf = kdf or Kdf()
     if (passphrase is None) == (public_key is None):
         raise UsageError("give either a passphrase or a public key")
     if sector_size not in SECTOR_SIZES:
@@ -217,12 +222,12 @@ def build_encrypted_image(source_path: str, out: str, *, passphrase=None, public
         data_size = -(-src.size // sector_size) * sector_size
         _check_space(out, src, data_size)
         if public_key is not None:
-            luks_key = keys.Secret(os.urandom(PEM_KEY_BYTES))
+            luks_key = Secret(os.urandom(PEM_KEY_BYTES))
             message = keys.wrap_key(public_key, luks_key.value)
         else:
-            luks_key = passphrase if isinstance(passphrase, keys.Secret) else keys.Secret(passphrase)
+            luks_key = passphrase if isinstance(passphrase, Secret) else Secret(passphrase)
             message = None
-        volume_key = keys.Secret(os.urandom(VOLUME_KEY_BYTES))
+        volume_key = Secret(os.urandom(VOLUME_KEY_BYTES))
         with tempfile.TemporaryDirectory(prefix="spank-sif-encrypt-") as scratch:
             header = os.path.join(scratch, "header.luks")
             format_header(header, luks_key, volume_key, kdf, sector_size)
@@ -264,7 +269,7 @@ def _check_space(out: str, src: Source, data_size: int) -> None:
     try:
         st = os.statvfs(directory)
     except OSError as err:
-        raise UsageError(f"{out}: cannot write in {directory}: {err.strerror}") from None
+        raise UsageError(f"{out}: cannot write in {directory}: {err.strerror}") from err
     free = st.f_bavail * st.f_frsize
     if st.f_blocks and free < needed:
         raise SystemSetupError(f"{out}: not enough space in {directory}: the image needs "
@@ -289,27 +294,29 @@ def output_objects(src: Source, partition, message: bytes | None) -> list:
         arch = HOST_ARCH.get(platform.machine(), platform.machine())
         return sif.apptainer_layout(partition, arch=arch if arch in sif.ARCH_BY_NAME else "unknown",
                                     crypto_message=message)
-    dropped = {d.id for d in src.dropped}
-    order = []
+    assert src.partition is not None
+    part_id, dropped = src.partition.id, {d.id for d in src.dropped}
+    order: list[sif.Descriptor | None] = []
     for d in src.image.descriptors:
         if d.id not in dropped:
             order.append(d)
-            if d.id == src.partition.id and message is not None:
+            if d.id == part_id and message is not None:
                 order.append(None)  # the crypto message's place
     new_id = {d.id: index + 1 for index, d in enumerate(order) if d is not None}
     objects = []
-    for d in order:
-        if d is None:
-            objects.append(sif.SifObject.crypto_message(message, link=new_id[src.partition.id]))
+    for entry in order:
+        if entry is None:
+            objects.append(sif.SifObject.crypto_message(message, link=new_id[part_id]))
             continue
-        link = d.link if d.link_is_group or not d.link else new_id.get(d.link, 0)
-        if d.id == src.partition.id:
-            data, extra = partition, bytearray(d.extra)
+        link = entry.link if entry.link_is_group or not entry.link else new_id.get(entry.link, 0)
+        if entry.id == part_id:
+            extra = bytearray(entry.extra)
             struct.pack_into("<i", extra, 0, sif.FsType.ENCRYPTED_SQUASHFS)
+            data, extra_bytes = partition, bytes(extra)
         else:
-            data, extra = _copier(src.fd, d.offset, d.size), d.extra
-        objects.append(sif.SifObject(d.data_type, data, group=d.group, link=link,
-                                     link_is_group=d.link_is_group, name=d.name, extra=bytes(extra)))
+            data, extra_bytes = _copier(src.fd, entry.offset, entry.size), entry.extra
+        objects.append(sif.SifObject(entry.type, data, group=entry.group, link=link,
+                                     link_is_group=entry.link_is_group, name=entry.name, extra=extra_bytes))
     return objects
 
 
@@ -353,7 +360,7 @@ def format_header(path: str, luks_key, volume_key, kdf: Kdf, sector_size: int) -
         os.close(write_end)
         write_end = -1
         done = subprocess.run([*argv, "--volume-key-file", f"/dev/fd/{read_end}", path],
-                              input=luks_key.value, capture_output=True, pass_fds=(read_end,))
+                              input=luks_key.value, capture_output=True, pass_fds=(read_end,), check=False)
     finally:
         os.close(read_end)
         if write_end >= 0:
@@ -424,7 +431,7 @@ def _read(fd: int, offset: int, length: int) -> bytes:
         try:
             more = os.pread(fd, length - len(data), offset + len(data))
         except OSError as err:
-            raise ImageError(f"cannot read the input: {err.strerror}") from None
+            raise ImageError(f"cannot read the input: {err.strerror}") from err
         if not more:
             raise ImageError("the input shrank while being read: leave it alone until encrypt ends")
         data += more
@@ -443,10 +450,8 @@ def encrypt_data(src: Source, fd: int, offset: int, key, sector_size: int, progr
     a mapping of ``sector_size``-byte sectors; the last sector is padded with zeros. Returns the
     bytes written."""
     total = -(-src.size // sector_size) * sector_size
-    try:
+    with contextlib.suppress(OSError):  # only a hint
         os.posix_fadvise(src.fd, src.offset, src.size, os.POSIX_FADV_SEQUENTIAL)
-    except OSError:
-        pass  # only a hint
     done = 0
     while done < total:
         length = min(CHUNK, total - done)
@@ -483,7 +488,7 @@ def _write_atomically(out: str, force: bool, write: Callable[[int], None]) -> No
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part")
     except OSError as err:
-        raise UsageError(f"{out}: cannot create a file in {directory}: {err.strerror}") from None
+        raise UsageError(f"{out}: cannot create a file in {directory}: {err.strerror}") from err
     try:
         try:
             write(fd)
@@ -493,15 +498,13 @@ def _write_atomically(out: str, force: bool, write: Callable[[int], None]) -> No
             os.fsync(fd)
         except OSError as err:
             raise SystemSetupError(f"{out}: cannot write the image: {err.strerror}; nothing was "
-                                   "written") from None
+                                   "written") from err
         finally:
             os.close(fd)
         _publish(tmp, out, force)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -511,12 +514,12 @@ def _publish(tmp: str, out: str, force: bool) -> None:
         return
     try:
         os.link(tmp, out)  # unlike rename, never replaces a file that appeared meanwhile
-    except FileExistsError:
+    except FileExistsError as exc:
         raise UsageError(f"{out} already exists (created while encrypting); use --force to replace "
-                         "it") from None
-    except OSError:  # a file system without hard links
+                         "it") from exc
+    except OSError as exc:  # a file system without hard links
         if os.path.lexists(out):
-            raise UsageError(f"{out} already exists; use --force to replace it") from None
+            raise UsageError(f"{out} already exists; use --force to replace it") from exc
         os.replace(tmp, out)
         return
     os.unlink(tmp)
@@ -541,9 +544,9 @@ def load_public_key(data: bytes, origin: str):
                                "--public file of spank-sif keygen); keep the private key for running")
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise KeyMaterialError(f"{origin}: not a PEM public key (expected '-----BEGIN RSA PUBLIC KEY-----' "
-                               "or '-----BEGIN PUBLIC KEY-----'); make a key pair with spank-sif keygen") from None
+                               "or '-----BEGIN PUBLIC KEY-----'); make a key pair with spank-sif keygen") from exc
     if not isinstance(key, rsa.RSAPublicKey):
         raise KeyMaterialError(f"{origin}: not an RSA key; Apptainer's PEM encryption needs RSA "
                                "(make a key pair with spank-sif keygen)")

@@ -6,11 +6,12 @@ import sys
 import time
 
 from spank_sif import builder, keys
-from spank_sif.config import load_config
+from spank_sif.cli.common import add_config_option, site_config
 from spank_sif.errors import KeyMaterialError, PolicyError, UsageError
+from spank_sif.secret import Secret
 
-MAX_PASSPHRASE_FILE = 8 << 20  # cryptsetup's key-file limit
 PROGRESS_FROM = 256 << 20      # smaller images take a few seconds: no bar
+DEFAULT_KDF = builder.Kdf()
 
 DESCRIPTION = """\
 Encrypt the root file system of a plain SIF image (or a bare squashfs file) and write it as an
@@ -34,10 +35,10 @@ byte for byte (a trailing newline is part of the passphrase: write it with print
 Without either, the passphrase is asked for on the terminal. Never on the command line.
 
 Key derivation: every unlock on a compute node pays it, so it is chosen here, not measured on this
-host as cryptsetup would. Default: argon2id, {builder.Kdf().memory_kib} KiB, {builder.Kdf().time} passes, {builder.Kdf().threads} thread;
---kdf pbkdf2 (for FIPS sites): {builder.DEFAULT_PBKDF2_ITERATIONS} iterations of SHA-256. The site's cap
-(kdf_max_memory_kib in the configuration) is checked. Sector size: 4096 by default; 512 for nodes
-with kernels older than 4.12.
+host as cryptsetup would. Default: argon2id, {DEFAULT_KDF.memory_kib} KiB, {DEFAULT_KDF.time} passes,
+{DEFAULT_KDF.threads} thread; --kdf pbkdf2 (for FIPS sites): {builder.DEFAULT_PBKDF2_ITERATIONS} iterations
+of SHA-256. The site's cap (kdf_max_memory_kib in the configuration) is checked. Sector size: 4096 by
+default; 512 for nodes with kernels older than 4.12.
 
 exit codes:
   0   written
@@ -62,18 +63,16 @@ def register(subparsers) -> None:
     p.add_argument("--kdf", choices=builder.KDF_TYPES, default="argon2id",
                    help="key derivation function (default argon2id)")
     p.add_argument("--kdf-memory", metavar="SIZE", type=_kib,
-                   help=f"Argon2 memory, in KiB or with a unit: 256M, 1G (default {builder.Kdf().memory_kib // 1024}M)")
+                   help=f"Argon2 memory, in KiB or with a unit: 256M, 1G (default {DEFAULT_KDF.memory_kib // 1024}M)")
     p.add_argument("--kdf-time", metavar="N", type=int,
-                   help=f"Argon2 passes (default {builder.Kdf().time}), or PBKDF2 iterations "
+                   help=f"Argon2 passes (default {DEFAULT_KDF.time}), or PBKDF2 iterations "
                         f"(default {builder.DEFAULT_PBKDF2_ITERATIONS})")
     p.add_argument("--kdf-threads", metavar="N", type=int,
-                   help=f"Argon2 lanes, 1 to 4 (default {builder.Kdf().threads})")
+                   help=f"Argon2 lanes, 1 to 4 (default {DEFAULT_KDF.threads})")
     p.add_argument("--sector-size", metavar="N", type=int, default=builder.DEFAULT_SECTOR_SIZE,
                    choices=builder.SECTOR_SIZES, help="encryption sector size: 4096 (default) or 512")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--config", metavar="PATH",
-                   help="site configuration whose KDF cap applies (default $SPANK_SIF_CONFIG, "
-                        "else /etc/slurm/spank_sif.yaml)")
+    add_config_option(p)
     p.set_defaults(func=encrypt)
 
 
@@ -87,7 +86,7 @@ def _kib(text: str) -> int:
 
 def encrypt(args) -> int:
     kdf = builder.make_kdf(args.kdf, args.kdf_memory, args.kdf_time, args.kdf_threads)
-    config = load_config(args.config or os.environ.get("SPANK_SIF_CONFIG"))
+    config = site_config(args)
     if kdf.memory_kib > config.kdf_max_memory_kib:
         raise PolicyError(f"--kdf-memory {kdf.memory_kib} KiB is above the site's cap of "
                           f"{config.kdf_max_memory_kib} KiB (kdf_max_memory_kib in {config.source}): "
@@ -139,27 +138,26 @@ def _read_key_file(path: str, limit: int, what: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as exc:
-        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from None
+        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
     if len(data) > limit:
         raise KeyMaterialError(f"{what} {path}: larger than {limit} bytes, not a key")
     return data
 
 
-def _passphrase(path: str | None) -> keys.Secret:
+def _passphrase(path: str | None) -> Secret:
     if path is not None:
-        secret = keys.Secret(_read_key_file(path, MAX_PASSPHRASE_FILE, "--passphrase-file"))
-        if not secret.value:
-            raise KeyMaterialError(f"--passphrase-file {path} is empty; an empty passphrase protects nothing")
-        return secret
+        source = keys.passphrase_from_file(_read_key_file(path, keys.MAX_PASSPHRASE, "--passphrase-file"), path)
+        assert source.secret is not None
+        return source.secret
     if not sys.stdin.isatty():
         raise UsageError("no key: give --passphrase-file F or --pem-path PUBLIC.pem, or run on a "
                          "terminal to type a passphrase")
     import getpass
     try:
-        first = keys.Secret(getpass.getpass("Passphrase for the image: ").encode())
-        again = keys.Secret(getpass.getpass("The same passphrase again: ").encode())
-    except EOFError:
-        raise KeyMaterialError("no passphrase typed") from None
+        first = Secret(getpass.getpass("Passphrase for the image: ").encode())
+        again = Secret(getpass.getpass("The same passphrase again: ").encode())
+    except EOFError as exc:
+        raise KeyMaterialError("no passphrase typed") from exc
     with again:
         if not first.value:
             raise KeyMaterialError("an empty passphrase protects nothing; type one")

@@ -35,10 +35,12 @@ byte for byte (a trailing newline is part of the passphrase: write it with print
 Without either, the passphrase is asked for on the terminal. Never on the command line.
 
 Key derivation: every unlock on a compute node pays it, so it is chosen here, not measured on this
-host as cryptsetup would. Default: argon2id, {DEFAULT_KDF.memory_kib} KiB, {DEFAULT_KDF.time} passes,
-{DEFAULT_KDF.threads} thread; --kdf pbkdf2 (for FIPS sites): {builder.DEFAULT_PBKDF2_ITERATIONS} iterations
-of SHA-256. The site's cap (kdf_max_memory_kib in the configuration) is checked. Sector size: 4096 by
-default; 512 for nodes with kernels older than 4.12.
+host as cryptsetup would. Default: argon2id, {DEFAULT_KDF.memory_kib // 1024} MiB, \
+{DEFAULT_KDF.time} passes, {DEFAULT_KDF.threads} lane.
+--kdf pbkdf2 (for FIPS sites): {builder.DEFAULT_PBKDF2_ITERATIONS} iterations of SHA-256 by default.
+The site's cap (kdf_max_memory_kib) is checked. In PEM mode the LUKS passphrase is 64 random bytes:
+a cheap KDF is as safe there, and every step unlocks faster. Sector size: 4096 by default; 512 for
+nodes with kernels older than 4.12.
 
 exit codes:
   0   written

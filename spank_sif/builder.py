@@ -33,6 +33,7 @@ from typing import NamedTuple
 from spank_sif import keys, luks2, sif
 from spank_sif.errors import (ImageError, KeyMaterialError, SystemSetupError, UnsupportedImageError,
                               UsageError)
+from spank_sif.fdio import read_exact
 from spank_sif.secret import Secret
 
 LUKS_DATA_OFFSET = 16 << 20   # Apptainer's layout with cryptsetup >= 2.1: header region, then data
@@ -40,7 +41,7 @@ CIPHER = "aes-xts-plain64"
 VOLUME_KEY_BYTES = 64         # AES-256-XTS, cryptsetup's default since 2.1
 PEM_KEY_BYTES = 64            # Apptainer's PEM mode: 64 random bytes are the LUKS passphrase
 SECTOR_SIZES = (512, 4096)
-DEFAULT_SECTOR_SIZE = 4096
+DEFAULT_SECTOR_SIZE = 4096     # cryptsetup's own choice on files; encrypting costs per sector
 MIN_RSA_BITS = 2048
 CHUNK = 4 << 20               # bytes encrypted per step: memory use does not depend on the image
 SQUASHFS_MAGIC = b"hsqs"
@@ -159,7 +160,7 @@ def _source(path: str, fd: int) -> Source:
     if not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{path}: not a regular file: give a plain SIF image or a squashfs file")
     size = st.st_size
-    start = _read(fd, 0, min(size, sif.HEADER.size))
+    start = read_exact(fd, min(size, sif.HEADER.size), 0, path)
     if start[32:32 + len(sif.MAGIC)] == sif.MAGIC:
         image = sif.read_sif(fd, size, name=path)
         part = _plain_partition(image, path)
@@ -419,23 +420,10 @@ def _copy(src_fd: int, offset: int, size: int, fd: int, at: int) -> None:
     """Copy in bounded chunks; all-zero chunks are skipped (the file stays sparse there)."""
     done = 0
     while done < size:
-        chunk = _read(src_fd, offset + done, min(CHUNK, size - done))
+        chunk = read_exact(src_fd, min(CHUNK, size - done), offset + done, "the input")
         if chunk.count(0) != len(chunk):
             write_all(fd, chunk, at + done)
         done += len(chunk)
-
-
-def _read(fd: int, offset: int, length: int) -> bytes:
-    data = b""
-    while len(data) < length:
-        try:
-            more = os.pread(fd, length - len(data), offset + len(data))
-        except OSError as err:
-            raise ImageError(f"cannot read the input: {err.strerror}") from err
-        if not more:
-            raise ImageError("the input shrank while being read: leave it alone until encrypt ends")
-        data += more
-    return data
 
 
 def write_all(fd: int, data, offset: int) -> None:
@@ -455,7 +443,7 @@ def encrypt_data(src: Source, fd: int, offset: int, key, sector_size: int, progr
     done = 0
     while done < total:
         length = min(CHUNK, total - done)
-        plain = _read(src.fd, src.offset + done, min(length, src.size - done)).ljust(length, b"\0")
+        plain = read_exact(src.fd, min(length, src.size - done), src.offset + done, src.path).ljust(length, b"\0")
         write_all(fd, xts_encrypt(key, plain, sector_size, done // luks2.SECTOR), offset + done)
         done += length
         if progress:

@@ -46,6 +46,9 @@ void shim_python_broken(void);
 int shim_context(void);
 const char *shim_option_value(void);
 int shim_option_conflict(void);
+const char *shim_option_value_of(int which);
+int shim_option_conflict_of(int which);
+void shim_set_container_active(int on);
 const char *shim_state_dir(void);
 const char *shim_python(void);
 int shim_slurm_version(void);
@@ -57,6 +60,8 @@ int shim_getenv(spank_t sp, const char *name, char *buf, int len);
 int shim_setenv(spank_t sp, const char *name, const char *value, int overwrite);
 int shim_unsetenv(spank_t sp, const char *name);
 int shim_job_control_setenv(spank_t sp, const char *name, const char *value, int overwrite);
+int shim_job_control_unsetenv(spank_t sp, const char *name);
+char **shim_job_env(spank_t sp);
 """
 
 # Frozen into the .so and run once when Python starts inside Slurm. Kept minimal: everything else

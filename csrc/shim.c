@@ -4,8 +4,8 @@
  * This file is pasted into the cffi-generated module `spank_sif._plugin` (see build_plugin.py), so
  * one shared object is both the plugin Slurm loads and the extension module Python imports. It does
  * as little as possible:
- *   - exports the SPANK symbols and registers --sif-image (in C, so --help and option parsing never
- *     start Python);
+ *   - exports the SPANK symbols and registers the options (--sif-image, --sif-container,
+ *     --sif-binds, --sif-workdir; in C, so --help and option parsing never start Python);
  *   - decides in C whether anything has to happen: a step without an image, slurmd, the extern step
  *     and the epilog of a job that left no state never start Python (zero cost when unused);
  *   - starts an isolated interpreter bound to the plugin's own virtual environment, and forwards the
@@ -37,6 +37,7 @@
 #pragma weak spank_setenv
 #pragma weak spank_unsetenv
 #pragma weak spank_job_control_setenv
+#pragma weak spank_job_control_unsetenv
 #pragma weak spank_option_register
 #pragma weak slurm_error
 #pragma weak slurm_info
@@ -57,6 +58,7 @@ SPANK_PLUGIN(sif, 1);
 
 #define SHIM_DEFAULT_STATE_DIR "/run/spank-sif"
 #define SHIM_IMAGE_ENV "SLURM_SIF_IMAGE"
+#define SHIM_CONTAINER_ENV "SLURM_SIF_CONTAINER"
 #define SHIM_ROOT_ENV "SIF_IMAGE_ROOT"
 #define SHIM_EXTERN_STEP 0xfffffffcU /* SLURM_EXTERN_CONT in slurm.h */
 
@@ -135,39 +137,76 @@ static const char *plugstack_arg(int ac, char **av, const char *key)
     return NULL;
 }
 
-/* ---------------------------------------------------------------- the option ------------------- */
+/* ---------------------------------------------------------------- the options ------------------ */
 
-/* The value Slurm gave the option callback, last one wins (local: environment, then command line).
- * Slurm 22.05 calls the remote callback twice with the same value; a different value there is a
- * conflict that Python reports. */
-static char *option_value;
-static int option_given;
-static int option_conflict;
+/* Indexes into option_states; also the `val` Slurm hands back to option_cb. spank_sif.options
+ * names the same indexes. */
+enum { OPT_IMAGE, OPT_CONTAINER, OPT_BINDS, OPT_WORKDIR, OPT_COUNT };
+
+/* The value Slurm gave each option's callback, last one wins (local: environment, then command
+ * line). Slurm 22.05 calls the remote callback twice with the same value; a different value there
+ * is a conflict that Python reports. */
+static struct {
+    char *value;
+    int given;
+    int conflict;
+} option_states[OPT_COUNT];
 
 static int option_cb(int val, const char *arg, int remote)
 {
-    char *copy = strdup(arg ? arg : "");
-    (void)val;
+    char *copy;
+    if (val < 0 || val >= OPT_COUNT)
+        return -1;
+    copy = strdup(arg ? arg : "");
     if (!copy)
         return -1;
-    if (option_given && remote && strcmp(copy, option_value) != 0)
-        option_conflict = 1;
-    free(option_value);
-    option_value = copy;
-    option_given = 1;
+    if (option_states[val].given && remote && strcmp(copy, option_states[val].value) != 0)
+        option_states[val].conflict = 1;
+    free(option_states[val].value);
+    option_states[val].value = copy;
+    option_states[val].given = 1;
     return 0;
 }
 
-static struct spank_option sif_image_option = {
-    "sif-image", "PATH",
-    "Run the tasks with this Singularity/Apptainer SIF image (encrypted or not) mounted read-only "
-    "at the site's mount point ($SIF_IMAGE_ROOT). The key is read from APPTAINER_ENCRYPTION_* "
-    "variables. Default: $" SHIM_IMAGE_ENV "; an empty value disables it.",
-    1, 0, option_cb};
+static struct spank_option sif_options[OPT_COUNT] = {
+    {"sif-image", "PATH",
+     "Run the tasks with this Singularity/Apptainer SIF image (encrypted or not) mounted read-only "
+     "at the site's mount point ($SIF_IMAGE_ROOT). The key is read from APPTAINER_ENCRYPTION_* "
+     "variables. Default: $" SHIM_IMAGE_ENV "; an empty value disables it.",
+     1, OPT_IMAGE, option_cb},
+    {"sif-container", NULL,
+     "Run each task inside the --sif-image image: the image is the task's root file system, with "
+     "its own environment and PATH (the batch script stays on the host). Default: "
+     "$" SHIM_CONTAINER_ENV "=1, or the site's choice.",
+     0, OPT_CONTAINER, option_cb},
+    {"sif-binds", "SRC[:DST[:ro]],...",
+     "With --sif-container: also bind these host paths into the container (DST defaults to SRC; "
+     "ro makes it read-only). Default: $SLURM_SIF_BINDS.",
+     1, OPT_BINDS, option_cb},
+    {"sif-workdir", "PATH",
+     "With --sif-container: start the tasks in this directory of the container (default: the "
+     "submit directory, else your home, else /). Default: $SLURM_SIF_WORKDIR.",
+     1, OPT_WORKDIR, option_cb},
+};
 
-/* Python reads these to resolve the image (spank_sif.options). */
-const char *shim_option_value(void) { return option_given ? option_value : NULL; }
-int shim_option_conflict(void) { return option_conflict; }
+/* Python reads these to resolve the options (spank_sif.options). */
+const char *shim_option_value_of(int which)
+{
+    return which >= 0 && which < OPT_COUNT && option_states[which].given
+               ? option_states[which].value
+               : NULL;
+}
+int shim_option_conflict_of(int which)
+{
+    return which >= 0 && which < OPT_COUNT && option_states[which].conflict;
+}
+const char *shim_option_value(void) { return shim_option_value_of(OPT_IMAGE); }
+int shim_option_conflict(void) { return shim_option_conflict_of(OPT_IMAGE); }
+
+/* Set by Python once a step on this node runs its tasks inside the image: only then does the
+ * per-task task_init callback start Python work (mount mode never pays for it). */
+static int container_active;
+void shim_set_container_active(int on) { container_active = on; }
 
 /* ---------------------------------------------------------------- typed SPANK wrappers --------- */
 
@@ -218,6 +257,22 @@ int shim_job_control_setenv(spank_t sp, const char *name, const char *value, int
 {
     return spank_job_control_setenv ? (int)spank_job_control_setenv(sp, name, value, overwrite)
                                     : ESPANK_NOT_AVAIL;
+}
+
+int shim_job_control_unsetenv(spank_t sp, const char *name)
+{
+    return spank_job_control_unsetenv ? (int)spank_job_control_unsetenv(sp, name)
+                                      : ESPANK_NOT_AVAIL;
+}
+
+/* The job's (in a task: the task's) environment, owned by Slurm: read it during the callback only.
+ * NULL if unavailable. */
+char **shim_job_env(spank_t sp)
+{
+    char **env = NULL;
+    if (!spank_get_item || spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS)
+        return NULL;
+    return env;
 }
 
 /* The state directory the C side checks in the job epilog ("state_dir=" or the default); Python
@@ -356,9 +411,14 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
         return 0;
     if (check_slurm_version(sp))
         return -1;
-    if (spank_option_register(sp, &sif_image_option) != ESPANK_SUCCESS) {
-        log_line(0, "cannot register --sif-image (another plugin already has it?)");
-        return -1;
+    for (int i = 0; i < OPT_COUNT; i++) {
+        if (spank_option_register(sp, &sif_options[i]) != ESPANK_SUCCESS) {
+            char msg[128];
+            snprintf(msg, sizeof(msg), "cannot register --%s (another plugin already has it?)",
+                     sif_options[i].name);
+            log_line(0, msg);
+            return -1;
+        }
     }
     return 0;
 }
@@ -372,13 +432,32 @@ static int image_wanted(spank_t sp, int ctx)
     if (ctx == S_CTX_REMOTE && shim_item_u32(sp, S_JOB_STEPID, &step) == ESPANK_SUCCESS &&
         step == SHIM_EXTERN_STEP)
         return 0; /* the extern step runs no user tasks */
-    if (option_given)
-        return option_value[0] != '\0';
+    if (option_states[OPT_IMAGE].given)
+        return option_states[OPT_IMAGE].value[0] != '\0';
     if (ctx == S_CTX_REMOTE) {
         rc = shim_getenv(sp, SHIM_IMAGE_ENV, buf, sizeof(buf));
         return rc == ESPANK_SUCCESS ? buf[0] != '\0' : rc == ESPANK_NOSPACE;
     }
     return getenv(SHIM_IMAGE_ENV) && getenv(SHIM_IMAGE_ENV)[0];
+}
+
+/* srun/sbatch/salloc: a container option given on the command line without an image is a mistake
+ * to report at once (in C: no image means no Python). Inherited defaults ($SLURM_SIF_CONTAINER in a
+ * step that switched its image off) are not. */
+static int container_option_without_image(void)
+{
+    for (int i = OPT_CONTAINER; i < OPT_COUNT; i++) {
+        if (option_states[i].given) {
+            char msg[256];
+            snprintf(msg, sizeof(msg),
+                     "--%s needs an image: give --sif-image=PATH as well (or set " SHIM_IMAGE_ENV
+                     ")",
+                     sif_options[i].name);
+            user_line(msg);
+            return 1;
+        }
+    }
+    return 0;
 }
 
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
@@ -387,8 +466,10 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
     if (ctx != S_CTX_LOCAL && ctx != S_CTX_ALLOCATOR && ctx != S_CTX_REMOTE)
         return 0;
     if (!image_wanted(sp, ctx)) {
+        if (ctx != S_CTX_REMOTE && container_option_without_image())
+            return -1;
         /* "--sif-image=" switches an inherited default off for this command and its steps. */
-        if (option_given && ctx != S_CTX_REMOTE)
+        if (option_states[OPT_IMAGE].given && ctx != S_CTX_REMOTE)
             unsetenv(SHIM_IMAGE_ENV);
         /* A step without image inside a batch job that has one: don't point at an empty dir. */
         if (ctx == S_CTX_REMOTE && spank_unsetenv)
@@ -410,6 +491,14 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 ACTIVE_ONLY(user_init)
 ACTIVE_ONLY(task_init_privileged)
 ACTIVE_ONLY(exit)
+
+/* In each task, as the user, inside the container: only container mode has work here. */
+int slurm_spank_task_init(spank_t sp, int ac, char **av)
+{
+    return step_active && container_active && shim_context() == S_CTX_REMOTE
+               ? call_python("task_init", sp, ac, av)
+               : 0;
+}
 
 /* Runs for every job on every node (a fresh `slurmstepd spank epilog`): start Python only when
  * the job left a record in the state directory, i.e. some step of it used an image here. */

@@ -13,6 +13,11 @@ that left state on this node. On a node (slurmstepd, root) a step goes through:
   exit                  release the step's mapping.
   job_epilog            sweep whatever the job left on the node (crashed or killed steps).
 
+In container mode (--sif-container, spank_sif/container.py) init_post_opt also opens the bind
+sources, task_init_privileged builds the container and enters it instead of mounting the image at
+the mount point, and task_init (as the user, inside) sets the working directory and the image's
+environment.
+
 Everything a user can cause ends as ONE line prefixed ``sif-image:`` on the user's stderr and a
 non-zero task exit. A bug's traceback goes to slurmd's log only (``spank.log_private``): once a
 step's I/O is set up, slurmstepd and its tasks copy what they log to the job's stderr (errors
@@ -26,7 +31,7 @@ import os
 import sys
 
 from spank_sif import log, options, spank
-from spank_sif.errors import ConfigError, SifError
+from spank_sif.errors import ConfigError, SifError, UsageError
 
 
 def import_node_modules() -> None:
@@ -50,6 +55,7 @@ class Step:
     def __init__(self):
         self.config = None      # the site configuration, once loaded
         self.unlocked = None    # the step's lifecycle.Unlocked image
+        self.plan = None        # container mode: the step's container.Plan
         self.error = None       # one-line message kept for the user
         self.reported = False
 
@@ -115,7 +121,11 @@ def load_site_config(args: list):
 def _internal_error(where: str) -> str:
     """Log the bug being handled, traceback and all, where only the admin sees it; the line for
     the user."""
-    import traceback  # only for bugs: every job step would pay for importing it
+    try:
+        import traceback  # only for bugs: every job step would pay for importing it
+    except ImportError as exc:  # inside a container the package's files are out of reach
+        spank.log_private(f"{where}: {exc.__context__!r} (no traceback inside a container)")
+        return INTERNAL_ERROR
     for line in traceback.format_exc().splitlines():
         spank.log_private(f"{where}: {line}")
     return INTERNAL_ERROR_SUBMIT if spank.context() in SUBMIT_CONTEXTS else INTERNAL_ERROR
@@ -133,6 +143,18 @@ def submit_init_post_opt(sp, args) -> None:
     if spank.option_value() is not None:
         # sbatch/salloc hand the option to the batch step and nested sruns from here: absolute.
         spank.job_control_setenv(sp, options.OPTION_ENV, image)
+    submit_container_options(sp)
+
+
+def submit_container_options(sp) -> None:
+    """The container options travel as environment defaults (spank_sif.options says why): export
+    what was given, and keep sbatch/salloc from handing them to every srun as given options."""
+    given = {name: spank.option_value_of(name) for name in options.CONTAINER_OPTIONS}
+    os.environ.update(options.submit_side_container(given, os.environ, os.getcwd()))
+    if spank.context() == "allocator":
+        for name, value in given.items():
+            if value is not None:
+                spank.job_control_unsetenv(sp, options.option_env(name))
 
 
 # ------------------------------------------------------------------ node side (slurmstepd, root)
@@ -183,13 +205,22 @@ def node_init_post_opt(sp, args) -> None:
             return
         from spank_sif import lifecycle
         from spank_sif.secret import Undumpable
-        with Undumpable():  # no core dump of slurmstepd while it holds the user's key
-            env = take_key_variables(sp, step.config, strips_keys(sp, step.config))
-            try:
-                step.unlocked = lifecycle.unlock(image, _step_user(sp), env, step_label(sp),
-                                                 step.config, cwd=_job_cwd(sp))
-            finally:
-                _wipe_all(env)
+        step.plan = _container_plan(sp, step.config)  # before the key and the unlock: fail early
+        try:
+            with Undumpable():  # no core dump of slurmstepd while it holds the user's key
+                env = take_key_variables(sp, step.config, strips_keys(sp, step.config))
+                try:
+                    step.unlocked = lifecycle.unlock(image, _step_user(sp), env, step_label(sp),
+                                                     step.config, cwd=_job_cwd(sp))
+                finally:
+                    _wipe_all(env)
+        except BaseException:
+            if step.plan is not None:
+                step.plan.close()
+                step.plan = None
+            raise
+        if step.plan is not None:
+            spank.set_container_active(True)
     except SifError as err:
         step.error = str(err)
         spank.log("error", f"job {_job_text(sp)}: {err}")
@@ -197,9 +228,34 @@ def node_init_post_opt(sp, args) -> None:
         step.error = _internal_error("init_post_opt")
 
 
+def _container_plan(sp, config):
+    """Container mode's per-step preparation, or None for mount mode. The batch script and an
+    interactive step stay on the host (they start the job's sruns)."""
+    given = {name: spank.option_value_of(name) for name in options.CONTAINER_OPTIONS}
+    for name in given:
+        if spank.option_conflict_of(name):
+            raise UsageError(f"--{name} reached this node with two different values; give it once")
+    on_host = spank.step_id(sp) in (BATCH_STEP, INTERACTIVE_STEP)
+    wanted = options.node_side_container(given[options.CONTAINER_OPTION] is not None,
+                                         spank.getenv(sp, options.CONTAINER_ENV), config.container_default)
+    if on_host or not wanted:
+        for name in (options.BINDS_OPTION, options.WORKDIR_OPTION):
+            if given[name] is not None and not on_host:
+                raise UsageError(f"--{name} only applies with --{options.CONTAINER_OPTION}")
+        return None
+    user_binds = options.node_side_value(given[options.BINDS_OPTION], spank.getenv(sp, options.BINDS_ENV),
+                                         options.BINDS_OPTION)
+    workdir = options.node_side_value(given[options.WORKDIR_OPTION], spank.getenv(sp, options.WORKDIR_ENV),
+                                      options.WORKDIR_OPTION)
+    from spank_sif import container
+    return container.prepare(config, _step_user(sp), options.parse_binds(user_binds or ""),
+                             options.check_workdir(workdir or ""))
+
+
 # Slurm's special step ids (slurm.h), named as squeue shows them.
 BATCH_STEP = 0xFFFFFFFB
-SPECIAL_STEPS = {BATCH_STEP: "batch", 0xFFFFFFFA: "interactive", 0xFFFFFFFC: "extern"}
+INTERACTIVE_STEP = 0xFFFFFFFA
+SPECIAL_STEPS = {BATCH_STEP: "batch", INTERACTIVE_STEP: "interactive", 0xFFFFFFFC: "extern"}
 
 
 def step_label(sp) -> str:
@@ -238,15 +294,51 @@ def node_task_init_privileged(sp, args) -> None:
     from spank_sif import lifecycle
     target = config.mount_point
     try:
-        lifecycle.mount(unlocked, target, private=True)
+        if step.plan is not None:
+            from spank_sif import container
+            container.enter(step.plan, unlocked, config)
+            target = "/"
+        else:
+            lifecycle.mount(unlocked, target, private=True)
     except SifError as err:
-        if spank.task_id(sp) == 0:  # one line per node, not one per task
-            spank.tell_user(str(err))
+        _tell_once(sp, str(err))
         raise _AlreadyReported() from err
     spank.setenv(sp, ENV_IMAGE_ROOT, target)
 
 
+def _tell_once(sp, message: str) -> None:
+    # Every task of the node meets the same error: one line per node, not one per task.
+    if spank.task_id(sp) == 0:
+        spank.tell_user(message)
+
+
+def node_task_init(sp, args) -> None:
+    """Container mode, in each task, as the user, inside the container: the working directory,
+    then the image's environment (Slurm then looks the command up in that PATH, inside)."""
+    plan = step.plan
+    if plan is None:
+        return
+    from spank_sif import container
+    try:
+        where = container.workdir(plan)
+        job_env = spank.job_environment(sp)
+        job_env["PWD"] = where
+        to_set, to_unset, warning = container.environment_changes(plan, job_env)
+    except SifError as err:
+        _tell_once(sp, str(err))
+        raise _AlreadyReported() from err
+    if warning:
+        _tell_once(sp, warning)
+    spank.setenv(sp, "PWD", where)
+    for name, value in to_set.items():
+        spank.setenv(sp, name, value)
+    for name in to_unset:
+        spank.unsetenv(sp, name)
+
+
 def node_exit(sp, args) -> None:
+    if step.plan is not None:
+        step.plan.close()
     unlocked, config = step.unlocked, step.config
     if unlocked is not None and config is not None:
         from spank_sif import lifecycle
@@ -270,6 +362,7 @@ HANDLERS = {
     ("remote", "init_post_opt"): node_init_post_opt,
     ("remote", "user_init"): node_user_init,
     ("remote", "task_init_privileged"): node_task_init_privileged,
+    ("remote", "task_init"): node_task_init,
     ("remote", "exit"): node_exit,
     ("job_script", "job_epilog"): job_epilog,
 }

@@ -9,9 +9,18 @@ weaken a security setting.
 import os
 from typing import NamedTuple
 
-from spank_sif.errors import ConfigError
+from spank_sif.errors import ConfigError, UsageError
 from spank_sif.keys import DEFAULT_KEY_VARIABLES, KINDS as KEY_VARIABLE_KINDS, kind_of
 from spank_sif.log import LEVELS as LOG_LEVELS
+from spank_sif.options import parse_bind
+
+# What every container gets from the host unless the site says otherwise: the kernel's views, the
+# devices (a bind, so GPUs and interconnects work), the scratch directories, the user's home ("~")
+# and submit directory ("."), and what Slurm's own tools and MPI need inside (configuration,
+# munge's socket, slurmd's spool with the step sockets; a path missing on a node is skipped).
+DEFAULT_CONTAINER_BINDS = ("/proc", "/sys", "/dev", "/tmp", "/var/tmp", "~", ".", "/etc/slurm:ro",
+                           "/run/munge", "/var/spool/slurmd", "/var/lib/slurm/slurmd")
+_DEFAULT_BINDS = tuple(parse_bind(entry, specials=True) for entry in DEFAULT_CONTAINER_BINDS)
 
 DEFAULT_PATH = "/etc/slurm/spank_sif.yaml"
 CONFIG_VARIABLE = "SPANK_SIF_CONFIG"  # the CLI's way to name another file
@@ -46,6 +55,17 @@ class SiteConfig(NamedTuple):
     state_dir: str = "/run/spank-sif"
     # How much the plugin logs to slurmd's log: error, info, verbose or debug.
     log_level: str = "info"
+    # Container mode (--sif-container) for jobs that do not choose (SLURM_SIF_CONTAINER unset).
+    container_default: bool = False
+    # Host paths bound into every container, SRC[:DST[:ro]]; "~" is the user's home, "." the submit
+    # directory. A source missing on a node is skipped.
+    container_binds: tuple = _DEFAULT_BINDS
+    # Absolute directories the sources of users' --sif-binds must be under ([] = anywhere they can read).
+    allowed_bind_paths: tuple = ()
+    # Job variables that never enter a container: the image's values (or none) are used instead.
+    host_only_variables: tuple = ("PATH", "LD_LIBRARY_PATH", "LD_PRELOAD")
+    # Seconds the image's environment scripts (/.singularity.d/env/*.sh) may take in each task.
+    container_env_timeout: int = 10
     # Where the settings came from (for messages); not a setting.
     source: str = "(defaults)"
 
@@ -120,6 +140,23 @@ def _one_of(choices):
     return check
 
 
+def _binds(value, key, where):
+    entries = _expect(value, list, key, where, "a list of SRC[:DST[:ro]] entries")
+    try:
+        return tuple(parse_bind(_expect(e, str, key, where, "a list of strings"), f"{where}: '{key}'",
+                                specials=True) for e in entries)
+    except UsageError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _variable_names(value, key, where):
+    names = _expect(value, list, key, where, "a list of environment variable names")
+    for name in names:
+        if not isinstance(name, str) or not name.replace("_", "").isalnum() or name[0].isdigit():
+            raise ConfigError(f"{where}: '{key}' entry {name!r} is not an environment variable name")
+    return tuple(names)
+
+
 _CHECKS = {
     "mount_point": _mount_point,
     "key_variables": _key_variables,
@@ -131,6 +168,11 @@ _CHECKS = {
     "kdf_max_parallel": _positive,
     "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
     "log_level": _one_of(LOG_LEVELS),
+    "container_default": _bool,
+    "container_binds": _binds,
+    "allowed_bind_paths": _paths,
+    "host_only_variables": _variable_names,
+    "container_env_timeout": _positive,
 }
 
 

@@ -169,3 +169,47 @@ def log_private(message: str) -> None:
 def tell_user(message: str) -> None:
     """One line on the user's stderr (srun's or the batch job's), prefixed 'sif-image: '."""
     _lib().user_line(_text(printable(message)))
+
+
+# ------------------------------------------------------------------ container mode
+
+# The shim's option indexes (enum in csrc/shim.c), by option name.
+OPTION_INDEX = {"sif-image": 0, "sif-container": 1, "sif-binds": 2, "sif-workdir": 3}
+
+
+def option_value_of(name: str) -> str | None:
+    """The value the C option callback recorded for option ``name`` (None if not given; a flag
+    without value that was given is "")."""
+    value = _lib().shim_option_value_of(OPTION_INDEX[name])
+    return None if value == _ffi().NULL else _ffi().string(value).decode("utf-8", "surrogateescape")
+
+
+def option_conflict_of(name: str) -> bool:
+    """True when Slurm handed the remote callback of option ``name`` two different values."""
+    return bool(_lib().shim_option_conflict_of(OPTION_INDEX[name]))
+
+
+def set_container_active(on: bool) -> None:
+    """Tell the shim whether this step's tasks enter the image (it then calls task_init)."""
+    _lib().shim_set_container_active(int(on))
+
+
+def job_environment(sp) -> dict[str, str]:
+    """The whole job environment (in a task callback: that task's), as Slurm holds it."""
+    env = _lib().shim_job_env(sp)
+    if env == _ffi().NULL:
+        raise SpankCallError("spank_get_item(S_JOB_ENV) failed")
+    result: dict[str, str] = {}
+    i = 0
+    while env[i] != _ffi().NULL:
+        name, _, value = _ffi().string(env[i]).decode("utf-8", "surrogateescape").partition("=")
+        result.setdefault(name, value)  # the first one wins, as getenv() sees it
+        i += 1
+    return result
+
+
+def job_control_unsetenv(sp, name: str) -> None:
+    """Remove a variable from the job-control environment (srun/sbatch/salloc)."""
+    rc = _lib().shim_job_control_unsetenv(sp, _text(name))
+    if rc != _lib().ESPANK_ENV_NOEXIST:
+        _check(rc, f"spank_job_control_unsetenv({name})")

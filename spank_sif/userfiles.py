@@ -82,7 +82,12 @@ def _keep_only(sock: socket.socket) -> socket.socket:
     return socket.socket(fileno=0)
 
 
-def _child(sock: socket.socket, path: str, user: User, flags: int, cwd: str | None) -> None:
+def _acceptable(mode: int, directory_ok: bool) -> bool:
+    return stat.S_ISREG(mode) or (directory_ok and stat.S_ISDIR(mode))
+
+
+def _child(sock: socket.socket, path: str, user: User, flags: int, cwd: str | None,
+           directory_ok: bool = False) -> None:
     """Runs in the forked child; never returns."""
     code = 0
     try:
@@ -96,7 +101,7 @@ def _child(sock: socket.socket, path: str, user: User, flags: int, cwd: str | No
             os.chdir(cwd)
         # O_NONBLOCK: opening a FIFO must fail the type check below, not hang.
         fd = os.open(path, flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not _acceptable(os.fstat(fd).st_mode, directory_ok):
             sock.send(b"R")
         else:
             os.set_blocking(fd, True)
@@ -112,8 +117,10 @@ def _child(sock: socket.socket, path: str, user: User, flags: int, cwd: str | No
 
 
 def open_as_user(path: str, user: User, flags: int = os.O_RDONLY, *, what: str = "image",
-                 error: type[SifError] = ImageError, cwd: str | None = None) -> int:
-    """Open ``path`` as ``user`` and return the descriptor (close-on-exec, a regular file).
+                 error: type[SifError] = ImageError, cwd: str | None = None,
+                 directory_ok: bool = False) -> int:
+    """Open ``path`` as ``user`` and return the descriptor (close-on-exec, a regular file, or with
+    ``directory_ok`` also a directory: a bind source).
 
     ``what`` names the file in messages ("image", "key file"); ``error`` is the SifError class
     raised when the user cannot open it. ``cwd`` resolves relative paths (the user's directory).
@@ -125,7 +132,7 @@ def open_as_user(path: str, user: User, flags: int = os.O_RDONLY, *, what: str =
         pid = os.fork()
         if pid == 0:  # pragma: no cover - measured in the child, which never returns
             parent.close()
-            _child(child, path, user, flags, cwd)
+            _child(child, path, user, flags, cwd, directory_ok)
         child.close()
         parent.settimeout(OPEN_TIMEOUT_S)
         try:
@@ -139,7 +146,7 @@ def open_as_user(path: str, user: User, flags: int = os.O_RDONLY, *, what: str =
     finally:
         parent.close()
         child.close()
-    return _result(msg, fds, path, user, what, error)
+    return _result(msg, fds, path, user, what, error, directory_ok)
 
 
 def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -153,17 +160,19 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
-def _result(msg: bytes, fds: list, path: str, user: User, what: str, error) -> int:
+def _result(msg: bytes, fds: list, path: str, user: User, what: str, error,
+            directory_ok: bool = False) -> int:
+    kind = "a regular file or a directory" if directory_ok else "a regular file"
     if msg == b"K" and len(fds) == 1:
         fd = fds[0]
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # trust, but verify
+        if not _acceptable(os.fstat(fd).st_mode, directory_ok):  # trust, but verify
             os.close(fd)
-            raise error(f"{what} {path} is not a regular file")
+            raise error(f"{what} {path} is not {kind}")
         return fd
     for fd in fds:
         os.close(fd)
     if msg == b"R":
-        raise error(f"{what} {path} is not a regular file")
+        raise error(f"{what} {path} is not {kind}")
     if msg.startswith(b"D"):
         raise SystemSetupError(f"could not switch to user {user.name} to open {what} {path}: "
                        f"{os.strerror(int(msg[1:]))}")

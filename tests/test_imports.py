@@ -33,6 +33,19 @@ def test_the_plugin_start_imports_no_node_engine_and_nothing_heavy():
                                           "secrets", "uuid", "datetime", "logging"])
 
 
+def test_the_submit_side_of_container_mode_imports_nothing_more():
+    """srun --sif-container --sif-binds=...: the options are parsed with what the start imported."""
+    start = modules_after("import spank_sif.callbacks")
+    loaded = modules_after("""
+        import spank_sif.callbacks
+        from spank_sif import options
+        options.submit_side_container({"sif-container": "", "sif-binds": "a:/b:ro", "sif-workdir": "/w"},
+                                      {}, "/home/u")
+    """)
+    assert loaded == start
+    assert_none_of(loaded, ["typing"])
+
+
 def test_the_node_engine_imports_neither_dataclasses_nor_traceback_nor_secrets():
     loaded = modules_after("import spank_sif.callbacks as c\nc.import_node_modules()")
     assert "spank_sif.lifecycle" in loaded

@@ -18,8 +18,10 @@ class FakeSpank:
     """Records what the callbacks asked of Slurm; the job environment is a dict."""
 
     def __init__(self, context="remote", option=None, job_env=None, state_dir="/run/spank-sif",
-                 uid=None, gid=None):
+                 uid=None, gid=None, options=None):
         self._context, self._option, self._state_dir = context, option, state_dir
+        self.options = dict(options or {})  # the container options given: name -> value
+        self.container_active = False
         self.job_env = dict(job_env or {})
         self.job_control = {}
         self.user_lines, self.log_lines, self.private_lines = [], [], []
@@ -35,6 +37,21 @@ class FakeSpank:
 
     def option_conflict(self):
         return False
+
+    def option_value_of(self, name):
+        return self._option if name == "sif-image" else self.options.get(name)
+
+    def option_conflict_of(self, name):
+        return False
+
+    def set_container_active(self, on):
+        self.container_active = on
+
+    def job_environment(self, sp):
+        return dict(self.job_env)
+
+    def job_control_unsetenv(self, sp, name):
+        self.job_control.pop(name, None)
 
     def state_dir(self):
         return self._state_dir
@@ -330,3 +347,51 @@ def test_key_variables_are_read_into_secrets_and_held_undumpable(monkeypatch, si
     assert opened == [0], spank.dumpable_at
     assert during["read APPTAINER_ENCRYPTION_PASSPHRASE"] == 0
     assert SECRET not in spank.everything_said()
+
+
+# ------------------------------------------------------------------ container mode
+
+def test_sbatch_exports_the_container_options_as_defaults_not_as_options(fake, monkeypatch, tmp_path):
+    """sbatch --sif-container --sif-binds=data:/in: the job's sruns inherit them as environment
+    defaults (which they may switch off), not as options given on their own command line."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("SLURM_SIF_CONTAINER", "SLURM_SIF_BINDS", "SLURM_SIF_WORKDIR"):
+        monkeypatch.delenv(name, raising=False)
+    spank = fake(context="allocator", option="app.sif", options={"sif-container": "", "sif-binds": "data:/in"})
+    spank.job_control = {options.option_env("sif-container"): "", options.option_env("sif-binds"): "data:/in"}
+    assert callbacks.dispatch("init_post_opt", None, []) == 0
+    assert os.environ["SLURM_SIF_CONTAINER"] == "1"
+    assert os.environ["SLURM_SIF_BINDS"] == f"{tmp_path}/data:/in"
+    assert spank.job_control == {options.OPTION_ENV: str(tmp_path / "app.sif")}
+
+
+def test_container_options_without_container_mode_are_one_line(fake, site, tmp_path):
+    spank = fake(option=str(tmp_path / "missing.sif"), options={"sif-binds": "/a:/b"})
+    assert run_step(spank, site()) == [0, 0, -1, 0]
+    assert spank.user_lines == ["--sif-binds only applies with --sif-container"]
+
+
+def test_a_missing_bind_source_stops_the_step_before_the_image_is_opened(fake, site, tmp_path):
+    image = tmp_path / "app.sif"
+    spank = fake(option=str(image), options={"sif-container": "", "sif-binds": f"{tmp_path}/nope:/x"})
+    assert run_step(spank, site(), tasks=2) == [0, 0, -1, -1, 0]
+    assert spank.user_lines == [f"bind source {tmp_path}/nope does not exist"]  # not the missing image
+    assert not spank.container_active and callbacks.step.plan is None
+    assert not list(tmp_path.glob("state/*/*"))
+
+
+def test_the_batch_step_stays_on_the_host(fake, site, tmp_path):
+    spank = fake(option=str(tmp_path / "missing.sif"), options={"sif-container": "", "sif-binds": "/a:/b"},
+                 job_env={"SLURM_SIF_CONTAINER": "1"})
+    spank.ids["step"] = callbacks.BATCH_STEP
+    run_step(spank, site())
+    assert "does not exist" in spank.user_lines[0] and not spank.container_active
+
+
+def test_site_default_turns_container_mode_on_and_the_job_can_turn_it_off(fake, site, tmp_path):
+    """Seen by what fails first: in container mode the bind sources are checked before the image."""
+    image, binds = tmp_path / "missing.sif", {"SLURM_SIF_BINDS": f"{tmp_path}/nope:/x"}
+    for job_env, first_error in (({}, "bind source"), ({"SLURM_SIF_CONTAINER": "0"}, "image")):
+        spank = fake(option=str(image), job_env={**binds, **job_env})
+        run_step(spank, site("container_default: true\n"))
+        assert spank.user_lines[0].startswith(first_error), spank.user_lines

@@ -59,7 +59,8 @@ def exported(plugin) -> set:
 # for a job_prolog; the shim's own functions are called by cffi's code inside the object.
 EXPORTS = {"plugin_name", "plugin_type", "plugin_version", "spank_plugin_version",
            "slurm_spank_init", "slurm_spank_init_post_opt", "slurm_spank_user_init",
-           "slurm_spank_task_init_privileged", "slurm_spank_exit", "slurm_spank_job_epilog",
+           "slurm_spank_task_init_privileged", "slurm_spank_task_init", "slurm_spank_exit",
+           "slurm_spank_job_epilog",
            "PyInit__plugin"}
 
 

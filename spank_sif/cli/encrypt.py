@@ -6,7 +6,7 @@ import sys
 import time
 
 from spank_sif import builder, keys
-from spank_sif.cli.common import add_config_option, site_config
+from spank_sif.cli.common import add_config_option, read_key_file, site_config
 from spank_sif.errors import KeyMaterialError, PolicyError, UsageError
 from spank_sif.secret import Secret
 
@@ -121,7 +121,7 @@ def encrypt(args) -> int:
 
 def _build(args, kdf: builder.Kdf, progress) -> builder.BuiltImage:
     if args.pem_path:
-        pem = _read_key_file(args.pem_path, keys.MAX_PEM_FILE, "--pem-path")
+        pem = read_key_file(args.pem_path, keys.MAX_PEM_FILE, "--pem-path")
         return builder.build_encrypted_image(
             args.source, args.out, public_key=builder.load_public_key(pem, args.pem_path), kdf=kdf,
             sector_size=args.sector_size, force=args.force, progress=progress)
@@ -135,20 +135,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _read_key_file(path: str, limit: int, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
-    if len(data) > limit:
-        raise KeyMaterialError(f"{what} {path}: larger than {limit} bytes, not a key")
-    return data
-
-
 def _passphrase(path: str | None) -> Secret:
     if path is not None:
-        source = keys.passphrase_from_file(_read_key_file(path, keys.MAX_PASSPHRASE, "--passphrase-file"), path)
+        source = keys.passphrase_from_file(read_key_file(path, keys.MAX_PASSPHRASE, "--passphrase-file"), path)
         assert source.secret is not None
         return source.secret
     if not sys.stdin.isatty():

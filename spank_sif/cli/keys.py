@@ -8,7 +8,7 @@ import argparse
 import os
 
 from spank_sif import keys, luks2, sif
-from spank_sif.cli.common import add_config_option, printable, site_config
+from spank_sif.cli.common import add_config_option, printable, read_key_file, site_config
 from spank_sif.errors import ImageError, KeyMaterialError, UsageError, WrongKeyError
 
 SQUASHFS_MAGIC = b"hsqs"
@@ -93,7 +93,7 @@ def key_source(args, variables) -> keys.KeySource:
     if args.pem_path:
         return keys.KeySource("pem_path", "--pem-path", path=args.pem_path)
     if args.passphrase_file:
-        data = _read_file(args.passphrase_file, keys.MAX_PASSPHRASE, "--passphrase-file")
+        data = read_key_file(args.passphrase_file, keys.MAX_PASSPHRASE, "--passphrase-file")
         return keys.passphrase_from_file(data, args.passphrase_file)
     source = keys.find_key_source(os.environ, variables)
     if source is None:
@@ -130,18 +130,7 @@ def _hint(image, source: keys.KeySource, passphrase) -> str:
 
 def _read_user_file(path: str) -> bytes:
     # The CLI runs as the user: an ordinary open is the user's own access check.
-    return _read_file(path, keys.MAX_PEM_FILE + 1, "key file")
-
-
-def _read_file(path: str, limit: int, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
-    if len(data) > limit:
-        raise KeyMaterialError(f"{what} {path}: larger than {limit} bytes, not a key")
-    return data
+    return read_key_file(path, keys.MAX_PEM_FILE + 1, "key file")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The demo's last act: the product's real job. Starts a single-node Slurm with the installed plugin
-and runs, as an ordinary user (nobody), ``srun --sif-image=<demo image> cat <mount point>/hello.txt``
-on the encrypted demo image, prints the command and its output, then shows that nothing is left on
-the node (no mapping, loop device, mount or state record).
+and runs, as an ordinary user (nobody), on the encrypted demo image:
+``srun --sif-image=<demo image> cat <mount point>/hello.txt`` (the image mounted for the task) and
+``srun --sif-image=<demo image> --sif-container cat /hello.txt`` (the task inside the image), prints
+each command and its output, then shows that nothing is left on the node (no mapping, loop device,
+mount or state record).
 
 The node needs a kernel with dm-crypt. Where this one has none (a VM without device-mapper, as CI
 machines are), the same script runs inside the test harness's VM: Debian's kernel under software
@@ -89,19 +91,23 @@ def run_job(demo: Path) -> int:
         cluster.write_site_config(f"mount_point: {mount_point}\n")
         image = give_to_job_user(demo / IMAGE, work, 0o644)
         key = give_to_job_user(demo / KEY, work, 0o600)
-        command = ["srun", f"--sif-image={image}", "cat", f"{mount_point}/hello.txt"]
-        say(f"\nas user {JOB_USER}:")
-        say(f"$ APPTAINER_ENCRYPTION_PEM_PATH={key} {' '.join(command)}")
-        out = cluster.run(command, user=JOB_USER, cwd=str(work),
-                          env={"APPTAINER_ENCRYPTION_PEM_PATH": str(key)})
-        sys.stdout.write(out.stdout)
-        sys.stdout.write(out.stderr)
-        say(f"(exit {out.returncode})")
+        say(f"\nas user {JOB_USER}, with APPTAINER_ENCRYPTION_PEM_PATH={key}:")
+        ok = True
+        for title, command in (
+                ("the image mounted for the task",
+                 ["srun", f"--sif-image={image}", "cat", f"{mount_point}/hello.txt"]),
+                ("the task inside the image", ["srun", f"--sif-image={image}", "--sif-container", "cat", "/hello.txt"])):
+            say(f"\n# {title}\n$ {' '.join(command)}")
+            out = cluster.run(command, user=JOB_USER, cwd=str(work),
+                              env={"APPTAINER_ENCRYPTION_PEM_PATH": str(key)})
+            sys.stdout.write(out.stdout)
+            sys.stdout.write(out.stderr)
+            say(f"(exit {out.returncode})")
+            ok = ok and out.returncode == 0 and "Hello from inside an encrypted SIF image" in out.stdout
         left = wait_clean(cluster, mount_point)
-        say("\nafter the job: " + ("nothing left on the node: no dm-crypt mapping, no loop device, no "
-                                   "mount, no state record" if not left else "LEFT BEHIND: " + ", ".join(left)))
-        ok = out.returncode == 0 and "Hello from inside an encrypted SIF image" in out.stdout and not left
-        return 0 if ok else 1
+        say("\nafter the jobs: " + ("nothing left on the node: no dm-crypt mapping, no loop device, no "
+                                    "mount, no state record" if not left else "LEFT BEHIND: " + ", ".join(left)))
+        return 0 if ok and not left else 1
     finally:
         cluster.cleanup()
         shutil.rmtree(work, ignore_errors=True)

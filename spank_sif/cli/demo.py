@@ -6,6 +6,7 @@ checked with spank-sif's own userspace LUKS2 code.
 """
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,8 @@ from spank_sif import cli, keys, sif
 from spank_sif.errors import SystemSetupError, UsageError
 
 HELLO = b"Hello from inside an encrypted SIF image.\n"
+BUSYBOX = "/bin/busybox"  # Debian's busybox-static: a userland for container mode (--sif-container)
+APPLETS = ("sh", "cat", "ls", "id", "env", "true")
 DEFFILE = b"Bootstrap: scratch\n%files\n    hello.txt /hello.txt\n"
 
 
@@ -48,12 +51,25 @@ def _squashfs(directory: str) -> str:
         with open(os.path.join(tree, "hello.txt"), "wb") as f:
             f.write(HELLO)
         os.chmod(os.path.join(tree, "hello.txt"), 0o644)
+        _userland(tree)
         try:
             subprocess.run(["mksquashfs", tree, out, "-noappend", "-quiet", "-all-root"], check=True,
                            stdout=subprocess.DEVNULL)
         except FileNotFoundError as exc:
             raise SystemSetupError("mksquashfs is not installed: install the squashfs-tools package") from exc
     return out
+
+
+def _userland(tree: str) -> None:
+    """A static busybox and its applets in /bin, when this machine has one: enough for the image to
+    run ``cat`` and ``sh`` as a container (``srun --sif-container``)."""
+    if not os.path.isfile(BUSYBOX):
+        return
+    bin_dir = os.path.join(tree, "bin")
+    os.mkdir(bin_dir, 0o755)
+    shutil.copy(BUSYBOX, os.path.join(bin_dir, "busybox"))
+    for applet in APPLETS:
+        os.symlink("busybox", os.path.join(bin_dir, applet))
 
 
 def _write_private(path: str, data: bytes) -> None:
@@ -69,7 +85,7 @@ def demo(args) -> int:
         raise UsageError(f"{d} is not a directory")
     kdf = ["--kdf-memory", "64M"] if args.fast_kdf else []
 
-    _step("1. a root filesystem with one file, squashed, in a plain SIF image")
+    _step("1. a root filesystem with one file (and busybox, if installed), squashed, in a plain SIF image")
     squashfs = _squashfs(d)
     plain = os.path.join(d, "demo-plain.sif")
     sif.write_sif(plain, [sif.SifObject(sif.DataType.DEFFILE, DEFFILE),

@@ -1,10 +1,11 @@
 """Reference tools used as test oracles, built on demand and cached.
 
 - ``siftool`` and ``sifref``: the reference SIF implementation (sylabs/sif, Debian's
-  golang-github-sylabs-sif-dev), built offline with ``shared/tools/sifref/build.sh``.
+  golang-github-sylabs-sif-dev), built offline from ``tests/reference/`` (see docs/testing.md).
 - the real ``cryptsetup`` for LUKS2 volumes (``luksFormat`` and offline ``reencrypt --encrypt``
   work on plain files, without device-mapper).
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SPANK_SIF_TEST_CACHE", REPO / ".cache"))
-SHARED = Path(os.environ.get("SPANK_SIF_SHARED", REPO.parent / "shared"))
+REFERENCE = REPO / "tests" / "reference"
 SIF_TEST_IMAGES = Path("/usr/share/gocode/src/github.com/sylabs/sif/test/images")
 
 # Cheap KDF parameters so that tests which do not study the KDF itself stay fast.
@@ -20,18 +21,27 @@ FAST_PBKDF = ["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-m
               "--pbkdf-parallel", "1"]
 
 
+def reference_digest() -> str:
+    """Changes whenever what builds the reference tools changes (Go sources, go.mod, build.sh)."""
+    h = hashlib.sha256()
+    for path in sorted(REFERENCE.rglob("*")):
+        if path.suffix in (".go", ".mod", ".sh"):
+            h.update(f"{path.relative_to(REFERENCE)}\0{path.stat().st_size}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def reftools() -> tuple[Path, Path]:
     """Return the paths of (siftool, sifref), building them once into the cache."""
     out = CACHE / "reftools"
     siftool, sifref = out / "siftool", out / "sifref"
-    stamp = out / "built-from"
-    source = (SHARED / "tools/sifref/main.go").read_bytes()
-    if not (siftool.exists() and sifref.exists() and stamp.exists() and stamp.read_bytes() == source):
+    stamp, digest = out / "built-from", reference_digest()
+    if not (siftool.exists() and sifref.exists() and stamp.exists() and stamp.read_text() == digest):
         out.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GOCACHE=str(CACHE / "gocache"), HOME=str(CACHE))
-        subprocess.run(["bash", str(SHARED / "tools/sifref/build.sh"), str(out)], check=True, env=env,
+        subprocess.run(["bash", str(REFERENCE / "build.sh"), str(out)], check=True, env=env,
                        stdout=subprocess.DEVNULL)
-        stamp.write_bytes(source)
+        stamp.write_text(digest)
     return siftool, sifref
 
 

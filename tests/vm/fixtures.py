@@ -1,10 +1,13 @@
 """Reference SIF images made inside the VM the way Apptainer makes them, cached across test sessions.
 
-``shared/tools/make-fixtures.sh`` builds the realistic set (cryptsetup's default KDF, as Apptainer's
-builder leaves it); this module adds cheap-KDF twins with 512- and 4096-byte sectors, so that most
-tests do not pay for Argon2 under emulation. The result is copied to the host cache
+The recipe (``build`` and the functions it calls) makes a small root file system, squashes it and
+encrypts it as Apptainer's builder does: the real ``cryptsetup luksFormat`` on a loop device over a
+volume of the squashfs's size + 16 MiB, the squashfs written through dm-crypt, the SIF image and the
+wrapped PEM key made by the reference tool ``sifref`` (tests/reference/). The realistic set keeps
+cryptsetup's default KDF, as Apptainer's builder leaves it; cheap-KDF twins with 512- and 4096-byte
+sectors spare most tests Argon2 under emulation. The result is copied to the host cache
 (``.cache/vm-fixtures/<hash of the recipes>/``, writable from the VM) and reused while the recipes
-are unchanged; each session gets a private copy on a tmpfs.
+are unchanged; each session gets a private copy on a tmpfs. docs/testing.md lists the set.
 """
 import hashlib
 import inspect
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import reftools
+from .capability import load_modules
 
-MAKE_FIXTURES = reftools.SHARED / "tools" / "make-fixtures.sh"
 MANIFEST = "ref-images.json"  # written last: its presence means the set is complete
 SECTOR_SIZES = (512, 4096)
 MODES = ("pass", "pem")
@@ -49,7 +52,7 @@ class RefImages:
 
     def encrypted(self, mode: str, sector_size: int | None = 4096) -> Path:
         """A cheap-KDF image (``mode`` "pass" or "pem") with the given sector size; ``None``: the
-        default-KDF image as make-fixtures.sh builds it."""
+        default-KDF image (cryptsetup's defaults, as Apptainer leaves them)."""
         if mode not in MODES or sector_size not in (*SECTOR_SIZES, None):
             raise ValueError(f"no reference image for mode={mode!r} sector_size={sector_size!r}")
         return self.file(f"enc-{mode}.sif" if sector_size is None else f"fast-{mode}-{sector_size}.sif")
@@ -65,14 +68,12 @@ class RefImages:
 
 
 def cache_key() -> str:
-    """Changes whenever a recipe changes: make-fixtures.sh, the build functions below, the reference
-    SIF library, reftools' cheap KDF (not the rest of this module: copying images is no recipe)."""
-    h = hashlib.sha256()
-    for recipe in (MAKE_FIXTURES, reftools.SHARED / "tools" / "sifref" / "main.go"):
-        h.update(recipe.read_bytes())
-    for function in (build, build_fast):
+    """Changes whenever a recipe changes: the functions below that make images, the reference tools'
+    sources, reftools' cheap KDF (not the rest of this module: copying images is no recipe)."""
+    h = hashlib.sha256(reftools.reference_digest().encode())
+    for function in RECIPE:
         h.update(inspect.getsource(function).encode())
-    h.update(repr(reftools.FAST_PBKDF).encode())
+    h.update(repr((RECIPE_CONSTANTS, reftools.FAST_PBKDF)).encode())
     return h.hexdigest()[:16]
 
 
@@ -105,41 +106,94 @@ def ref_images(work: Path) -> RefImages:
     return RefImages(dest)
 
 
+PASSPHRASE = b"correct horse battery staple"
+DEFFILE = b"Bootstrap: scratch\n%files\n hello.txt\n"
+LABELS = b'{"org.label-schema.schema-version":"1.0"}\n'
+BUSYBOX_COMMANDS = ("sh", "cat", "ls", "id", "echo", "head", "sha256sum", "stat", "wc", "true", "false",
+                    "sleep")
+
+
 def build(out: Path) -> None:
     """Needs root and dm-crypt (the VM). The reference tools must already be built (on the host)."""
     _, sifref = reftools.reftools()
-    run("bash", MAKE_FIXTURES, out, sifref)
+    load_modules()
+    out.mkdir(parents=True, exist_ok=True)
+    make_rootfs(out / "rootfs", out / "blob.sha256")
+    run("mksquashfs", out / "rootfs", out / "rootfs.sqfs", "-noappend", "-quiet", "-all-root")
+    (out / "deffile").write_bytes(DEFFILE)
+    (out / "labels.json").write_bytes(LABELS)
+    (out / "pass.txt").write_bytes(PASSPHRASE)
+    run(sifref, "genkey", "-priv", out / "rsa2048.pem", "-pub", out / "rsa2048.pub.pem", "-bits", 2048)
+    run(sifref, "randkey", "-o", out / "pem.key")  # PEM mode: 64 random bytes are the LUKS passphrase
+    run(sifref, "build", "-o", out / "plain.sif", "-part", out / "rootfs.sqfs", "-fs", "squashfs",
+        "-deffile", out / "deffile")
     for mode in MODES:
+        build_encrypted(out, mode, f"enc-{mode}", [])  # cryptsetup's defaults, as Apptainer uses them
         for sector_size in SECTOR_SIZES:
-            build_fast(out, mode, sector_size, sifref)
+            build_encrypted(out, mode, f"fast-{mode}-{sector_size}",
+                            [*reftools.FAST_PBKDF, "--sector-size", str(sector_size)])
     (out / MANIFEST).write_text(json.dumps({"key": cache_key(), "images": sorted(
         p.name for p in out.glob("*.sif"))}, indent=1))
 
 
-def build_fast(out: Path, mode: str, sector_size: int, sifref: Path) -> None:
-    """Same recipe as make-fixtures.sh's ``luks`` (Apptainer's: volume = squashfs + 16 MiB, formatted
-    on a loop device, payload written through dm-crypt), with a cheap KDF and a chosen sector size."""
+def make_rootfs(root: Path, blob_digest: Path) -> None:
+    """A tree that runs commands (busybox) and gives tests something to check: /hello.txt, a 3 MB
+    random blob (its SHA-256 in ``blob_digest``), a setuid copy of busybox, /etc/os-release."""
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("bin", "etc", "opt/app", "proc", "dev", "sys", "tmp", "home"):
+        (root / d).mkdir(parents=True)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    shutil.copy(busybox, root / "bin" / "busybox")
+    for command in BUSYBOX_COMMANDS:
+        (root / "bin" / command).symlink_to("busybox")
+    shutil.copy(busybox, root / "bin" / "suid-busybox")
+    (root / "bin" / "suid-busybox").chmod(0o4755)
+    (root / "hello.txt").write_bytes(RefImages.hello)
+    blob = os.urandom(3_000_000)
+    (root / RefImages.blob_path).write_bytes(blob)
+    blob_digest.write_text(hashlib.sha256(blob).hexdigest() + "\n")
+    (root / "etc" / "os-release").write_text('NAME="sif reference"\n')
+
+
+def build_encrypted(out: Path, mode: str, name: str, luks_format_args: list[str]) -> None:
+    """``<name>.sif``: the squashfs in an Apptainer-style LUKS2 volume, with the passphrase (and a JSON
+    object, as builds from a definition file carry) or the PEM key wrapped in a crypto message."""
     key = out / ("pass.txt" if mode == "pass" else "pem.key")
-    volume = out / f"fast-{mode}-{sector_size}.luks"
-    with open(volume, "wb") as f:
-        f.truncate((out / "rootfs.sqfs").stat().st_size + 16 * 1024 * 1024)
-    loop = run("losetup", "-f", "--show", volume).stdout.strip()
-    try:
-        run("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", *reftools.FAST_PBKDF,
-            "--sector-size", sector_size, "--key-file", key, loop)
-        name = f"ref-fast-{os.getpid()}-{mode}-{sector_size}"
-        run("cryptsetup", "open", "--type", "luks2", "--key-file", key, loop, name)
-        try:
-            run("dd", f"if={out / 'rootfs.sqfs'}", f"of=/dev/mapper/{name}", "bs=1M", "status=none", "conv=fsync")
-        finally:
-            run("cryptsetup", "close", name)
-    finally:
-        run("losetup", "-d", loop)
+    volume = out / f"{name}.luks"
+    apptainer_volume(out / "rootfs.sqfs", volume, key, luks_format_args)
     extra = (["-json", f"inspect-metadata.json={out / 'labels.json'}"] if mode == "pass"
              else ["-pem-pub", out / "rsa2048.pub.pem", "-key", key])
-    run(sifref, "build", "-o", out / f"fast-{mode}-{sector_size}.sif", "-part", volume, "-fs", "encrypted",
+    run(reftools.reftools()[1], "build", "-o", out / f"{name}.sif", "-part", volume, "-fs", "encrypted",
         "-deffile", out / "deffile", *extra)
     volume.unlink()
+
+
+def apptainer_volume(payload: Path, volume: Path, key: Path, luks_format_args: list[str]) -> None:
+    """What Apptainer's builder does: a file of the payload's size + 16 MiB (the LUKS2 header and
+    keyslots) on a loop device, ``cryptsetup luksFormat`` on it with no options but ``luks_format_args``,
+    then the payload written through the opened dm-crypt mapping, so the data segment is exactly it."""
+    with open(volume, "wb") as f:
+        f.truncate(payload.stat().st_size + 16 * 1024 * 1024)
+    loop = run("losetup", "--find", "--show", volume).stdout.strip()
+    try:
+        run("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", *luks_format_args,
+            "--key-file", key, loop)
+        mapping = f"ref-{os.getpid()}-{volume.stem}"
+        run("cryptsetup", "open", "--type", "luks2", "--key-file", key, loop, mapping)
+        try:
+            with open(payload, "rb") as src, open(f"/dev/mapper/{mapping}", "r+b") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        finally:
+            run("cryptsetup", "close", mapping)
+    finally:
+        run("losetup", "--detach", loop)
+
+
+RECIPE = (build, make_rootfs, build_encrypted, apptainer_volume)
+RECIPE_CONSTANTS = (PASSPHRASE, DEFFILE, LABELS, BUSYBOX_COMMANDS, RefImages.hello, RefImages.blob_path,
+                    MODES, SECTOR_SIZES)
 
 
 def store(built: Path, cached: Path) -> None:

@@ -11,7 +11,7 @@
  *   - starts an isolated interpreter bound to the plugin's own virtual environment, and forwards the
  *     callback to spank_sif.callbacks.dispatch() through one extern "Python" function;
  *   - gives Python typed wrappers around the variadic/host-only SPANK API.
- * The facts behind each choice are in docs/admin-guide.md and the project's python-embedding notes.
+ * Each choice is explained where it is made, below; what it means for a site is in docs/admin-guide.md.
  * Python.h (and with it _GNU_SOURCE, needed by dladdr) is included first by cffi's generated code.
  */
 #include <dlfcn.h>

@@ -30,6 +30,7 @@ fi
 if [ $with_tests = 1 ]; then
   packages+=(
     golang-go golang-github-sylabs-sif-dev                        # the reference SIF implementation
+    git                                                           # the bare-clone test
     openssh-client openssl                                        # foreign key formats in key tests
   )
 fi

@@ -107,7 +107,7 @@ def ensure_munge() -> None:
 
 def prepare_vm_node(host: str) -> None:
     """Inside the VM harness's guest (no NIC, bare cgroup2, no systemd): what Slurm needs
-    (shared/notes/vm-harness.md). Idempotent."""
+    (docs/testing.md, "Slurm inside the VM"). Idempotent."""
     hosts = Path("/etc/hosts")
     if not Path("/sys/class/net/sv0").exists():
         for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "add", "sv0", "type", "dummy"],

@@ -24,7 +24,7 @@ def prepare(work: Path, local: bool) -> None:
 
 def network() -> None:
     """The guest has no NIC. Daemons that resolve the host name (Slurm) need an address for it besides
-    loopback: a dummy interface with a link-local address (shared/notes/vm-harness.md)."""
+    loopback: a dummy interface with a link-local address (docs/testing.md, "Slurm inside the VM")."""
     for command in ("ip link set lo up", "ip link add sv0 type dummy", "ip addr add 169.254.77.1/32 dev sv0",
                     "ip link set sv0 up"):
         subprocess.run(command.split(), stderr=subprocess.DEVNULL)

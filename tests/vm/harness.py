@@ -3,7 +3,7 @@
 The guest's root file system is the host's (read-only, throwaway overlays on /etc, /tmp, ...), so the
 command sees this repository, this Python and the installed tools. Directories passed as ``rwdirs`` are
 writable from the guest; the command's output and exit status come back through the run directory.
-Facts behind every choice here: shared/notes/vm-harness.md.
+Why each choice is made: docs/testing.md, "Why the VM is booted this way".
 """
 import json
 import os

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from engine_helpers import world_dir
 from reftools import REPO
 
 # Written in pieces so that this file does not match itself. The project was first developed next to
@@ -38,13 +39,21 @@ def test_no_tracked_file_refers_outside_the_repository(head):
     assert not found, "files that refer outside the repository:\n" + "\n".join(found)
 
 
-def test_fast_suite_passes_in_a_bare_clone(head, tmp_path):
+@pytest.fixture
+def alone():
+    """An empty directory for the clone, which every user can traverse as a checkout usually can: the
+    engine tests run ``spank-sif open`` from the checkout for ordinary users, and the engine enters the
+    caller's directory as that user even for an absolute image path (docs/testing.md)."""
+    path = world_dir("spank-sif-alone-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_fast_suite_passes_in_a_bare_clone(head, alone, tmp_path):
     """`git clone` of HEAD into an empty directory (no siblings), then the fast selection there with a
     cache of its own, so the reference tools are built from the clone's sources."""
-    alone = tmp_path / "alone"
-    alone.mkdir()
     clone = alone / "spank-sif"
-    git("clone", "--quiet", "--no-hardlinks", str(REPO), str(clone), cwd=tmp_path)
+    git("clone", "--quiet", "--no-hardlinks", str(REPO), str(clone), cwd=alone)
     assert git("rev-parse", "HEAD", cwd=clone).strip() == head, "the clone is not at this checkout's HEAD"
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SPANK_SIF_TEST") and k not in ("PYTHONPATH", "GOCACHE", "GOFLAGS")}

@@ -128,9 +128,9 @@ def build(out: Path) -> None:
     run(sifref, "build", "-o", out / "plain.sif", "-part", out / "rootfs.sqfs", "-fs", "squashfs",
         "-deffile", out / "deffile")
     for mode in MODES:
-        build_encrypted(out, mode, f"enc-{mode}", [])  # cryptsetup's defaults, as Apptainer uses them
+        build_encrypted(out, sifref, mode, f"enc-{mode}", [])  # cryptsetup's defaults, as Apptainer's
         for sector_size in SECTOR_SIZES:
-            build_encrypted(out, mode, f"fast-{mode}-{sector_size}",
+            build_encrypted(out, sifref, mode, f"fast-{mode}-{sector_size}",
                             [*reftools.FAST_PBKDF, "--sector-size", str(sector_size)])
     (out / MANIFEST).write_text(json.dumps({"key": cache_key(), "images": sorted(
         p.name for p in out.glob("*.sif"))}, indent=1))
@@ -155,7 +155,7 @@ def make_rootfs(root: Path, blob_digest: Path) -> None:
     (root / "etc" / "os-release").write_text('NAME="sif reference"\n')
 
 
-def build_encrypted(out: Path, mode: str, name: str, luks_format_args: list[str]) -> None:
+def build_encrypted(out: Path, sifref: Path, mode: str, name: str, luks_format_args: list[str]) -> None:
     """``<name>.sif``: the squashfs in an Apptainer-style LUKS2 volume, with the passphrase (and a JSON
     object, as builds from a definition file carry) or the PEM key wrapped in a crypto message."""
     key = out / ("pass.txt" if mode == "pass" else "pem.key")
@@ -163,8 +163,8 @@ def build_encrypted(out: Path, mode: str, name: str, luks_format_args: list[str]
     apptainer_volume(out / "rootfs.sqfs", volume, key, luks_format_args)
     extra = (["-json", f"inspect-metadata.json={out / 'labels.json'}"] if mode == "pass"
              else ["-pem-pub", out / "rsa2048.pub.pem", "-key", key])
-    run(reftools.reftools()[1], "build", "-o", out / f"{name}.sif", "-part", volume, "-fs", "encrypted",
-        "-deffile", out / "deffile", *extra)
+    run(sifref, "build", "-o", out / f"{name}.sif", "-part", volume, "-fs", "encrypted", "-deffile",
+        out / "deffile", *extra)
     volume.unlink()
 
 

@@ -61,7 +61,7 @@ def test_fast_suite_passes_in_a_bare_clone(head, alone, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-m", FAST_SELECTION,
          "--deselect", itself, "--basetemp", str(tmp_path / "basetemp")],
-        cwd=clone, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        cwd=clone, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     assert proc.returncode == 0, f"the fast tests fail in a bare clone (exit {proc.returncode}):\n{tail}"
     assert (clone / ".cache" / "reftools" / "sifref").exists(), "the clone did not build its own tools"

@@ -224,7 +224,7 @@ key_variables:
   - APPTAINER_ENCRYPTION_PEM_PATH
   - APPTAINER_ENCRYPTION_PASSPHRASE
 strip_key_variables: true
-allowed_image_paths: [/shared/images, /home]
+allowed_image_paths: [/common/images, /home]
 allow_unencrypted: false
 kdf_max_memory_kib: 1048576
 kdf_max_parallel: 2

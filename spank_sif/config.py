@@ -49,8 +49,16 @@ class SiteConfig(NamedTuple):
     kernel_mount: str = "encrypted-only"
     # Refuse keyslots whose KDF needs more memory than this (KiB), before running the KDF.
     kdf_max_memory_kib: int = 1048576
+    # Refuse Argon2 keyslots with more passes (time cost) than this, before running the KDF.
+    kdf_max_time_cost: int = 16
+    # Refuse Argon2 keyslots with more threads (parallel cost) than this, before running the KDF.
+    kdf_max_threads: int = 8
+    # Refuse PBKDF2 keyslots, and volume-key digests, with more iterations than this.
+    kdf_max_pbkdf2_iterations: int = 32000000
     # How many memory-hard KDFs may run at once on a node.
     kdf_max_parallel: int = 1
+    # Seconds a step waits for a free KDF slot on its node before it fails with a message.
+    kdf_lock_timeout: int = 300
     # Root-only directory for the records that let an epilog clean up after a crash.
     state_dir: str = "/run/spank-sif"
     # How much the plugin logs to slurmd's log: error, info, verbose or debug.
@@ -165,7 +173,11 @@ _CHECKS = {
     "allow_unencrypted": _bool,
     "kernel_mount": _one_of(KERNEL_MOUNT),
     "kdf_max_memory_kib": _positive,
+    "kdf_max_time_cost": _positive,
+    "kdf_max_threads": _positive,
+    "kdf_max_pbkdf2_iterations": _positive,
     "kdf_max_parallel": _positive,
+    "kdf_lock_timeout": _positive,
     "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
     "log_level": _one_of(LOG_LEVELS),
     "container_default": _bool,

@@ -21,7 +21,7 @@ import struct
 import subprocess
 from typing import NamedTuple
 
-from spank_sif import dmcrypt, loop
+from spank_sif import dmcrypt, libcryptsetup, loop
 from spank_sif.callbacks import plugstack_args
 from spank_sif.installation import plugin_path, plugin_python, plugstack_line
 from spank_sif.config import CONFIG_VARIABLE, DEFAULT_PATH, SiteConfig, load_config
@@ -224,15 +224,14 @@ def _mapped_file(prefix: str) -> str:
     return ""
 
 
-def check_libcryptsetup(library: str = dmcrypt.LIBRARY, program_works: bool = False) -> Result:
-    """libcryptsetup loads and has every function the plugin calls. If it cannot be loaded at all,
-    the plugin runs the cryptsetup program instead: then jobs still work (``program_works``)."""
+def check_libcryptsetup(library: str = libcryptsetup.LIBRARY) -> Result:
+    """libcryptsetup loads and has every function the plugin calls (it has no other way to open an
+    encrypted image)."""
     try:
-        _, lib = dmcrypt.open_library(library)
+        _, lib = libcryptsetup.open_library(library)
     except (OSError, ImportError) as exc:
-        result = failed("libcryptsetup", f"cannot load {library}: {exc}",
-                        "install libcryptsetup (Debian: libcryptsetup12)")
-        return as_warning(result, "jobs use the slower cryptsetup program meanwhile") if program_works else result
+        return failed("libcryptsetup", f"cannot load {library}: {exc}",
+                      "install libcryptsetup (Debian: libcryptsetup12)")
     missing = []
     for function in dir(lib):
         try:
@@ -247,16 +246,20 @@ def check_libcryptsetup(library: str = dmcrypt.LIBRARY, program_works: bool = Fa
                                    f"calls ({loaded})")
 
 
-def check_cryptsetup_program(paths=dmcrypt.BINARIES) -> Result:
-    """The cryptsetup program the plugin falls back to: present, root's alone, and its version."""
+CRYPTSETUP_PROGRAMS = ("/usr/sbin/cryptsetup", "/sbin/cryptsetup")
+
+
+def check_cryptsetup_program(paths=CRYPTSETUP_PROGRAMS) -> Result:
+    """The cryptsetup program admins use on the node (spank-sif itself calls the library): present,
+    root's alone, and its version."""
     found = next(((p, st) for p in paths if (st := _stat(p)) is not None), None)
     if found is None:
         return failed("cryptsetup", f"no cryptsetup program at {', '.join(paths)}",
                       "install it (Debian: cryptsetup-bin)")
     path, st = found
-    if not dmcrypt.trusted_program(st):
+    if st.st_uid != 0 or st.st_mode & 0o022:
         return failed("cryptsetup", f"{path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}: "
-                                    "the plugin will not hand it a key",
+                                    "others can change what root runs to handle keys",
                       f"chown root {path} && chmod go-w {path} (and check who changed it)")
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
@@ -647,10 +650,8 @@ def run_checks(config: str | None = None, slurm_conf: str | None = None, environ
     slurm_conf = slurm_conf or environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
     results = [check_kernel(), check_device_mapper(), check_loop_devices()]
 
-    program = check_cryptsetup_program()
-    library = check_libcryptsetup(program_works=program.ok)
-    results += [library, as_warning(program, "only used when libcryptsetup cannot be loaded")
-                if library.ok else program]
+    results += [check_libcryptsetup(),
+                as_warning(check_cryptsetup_program(), "jobs do not need it: spank-sif calls the library")]
 
     plugin_check = check_plugin()
     results.append(plugin_check)

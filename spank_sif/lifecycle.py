@@ -1,7 +1,8 @@
 """The node engine: unlock an image, mount it, release it, and sweep what crashes leave.
 
 ``unlock`` (once per step, as root, before tasks fork): open the image as the user, read it, apply
-the site policy, get the key, check the KDF cost, attach a loop device and activate dm-crypt.
+the site policy, snapshot the LUKS2 header and check its KDF costs, attach a loop device, get the
+key, and activate dm-crypt from that snapshot.
 ``mount`` (per task, in the task's own mount namespace). ``release`` (when the step ends) and the
 sweeps (job epilog, health checks) undo everything, in order: mounts, mapping, loop device.
 
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import time
 
-from spank_sif import dmcrypt, keys, log, loop, luks2, mounts, sif, userfiles
+from spank_sif import dmcrypt, keys, libcryptsetup, log, loop, luks2, mounts, sif, userfiles
 from spank_sif.config import SiteConfig
 from spank_sif.loop import LoopDevice
 from spank_sif.errors import ImageError, KeyMaterialError, PolicyError, SifError, StateError, SystemSetupError
@@ -139,7 +140,7 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
     state = _state(config)
     session = session_name(job)
     fd = userfiles.open_as_user(image_path, user, cwd=cwd)
-    unlocked = None
+    unlocked = header = None
     try:
         real = _check_location(fd, image_path, config)
         image = sif.read_sif(fd, name=image_path)
@@ -148,10 +149,10 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
         _kernel_may_mount(fd, encrypted, image_path, config)
         log.verbose(f"{job}: image {image_path} ({real}) opened as {user.name}: partition {part.id}, "
                     f"{'encrypted' if encrypted else 'not encrypted'}, {part.size} bytes")
-        volume = None
         if encrypted:
-            volume = luks2.read_luks2(fd, part.offset, part.size)
-            luks2.affordable_keyslots(volume, config.kdf_max_memory_kib)  # refuse before any key work
+            # The header libcryptsetup will activate from, read now (before any lock) and refused
+            # here if no keyslot fits the site's caps: before any key work or kernel object.
+            header = libcryptsetup.Header(fd, part.offset, part.size, luks2.site_caps(config))
             dmcrypt.check_kernel()
         st = os.fstat(fd)
         unlocked = Unlocked(session, job, real, "", encrypted, config)
@@ -167,8 +168,8 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
         state.update(loop_rec, device=device.path)
         log.verbose(f"{job}: loop device {device.path} over {real} at offset {part.offset}")
         _checkpoint("loop")
-        if encrypted:
-            unlocked.device = _activate(unlocked, device.path, image, fd, volume, env, user, cwd, source)
+        if header is not None:
+            unlocked.device = _activate(unlocked, device.path, image, fd, header, env, user, cwd, source)
             # dm-crypt holds the loop device now; dropping our fd arms autoclear for when it goes.
             device.close()
         else:
@@ -183,18 +184,19 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
                 _teardown(state, job, session, unlocked)
         raise
     finally:
+        if header is not None:
+            header.close()
         os.close(fd)
 
 
-def _activate(unlocked: Unlocked, loop_path: str, image, fd: int, volume, env, user, cwd, source) -> str:
+def _activate(unlocked: Unlocked, loop_path: str, image, fd: int, header, env, user, cwd, source) -> str:
     config = unlocked.config
     state = _state(config)
     with _key(image, fd, env, user, config, cwd, source) as secret:
         _checkpoint("key")
         state.record("mapping", unlocked.job, unlocked.session, {"name": unlocked.session, "loop": loop_path})
-        semaphore = dmcrypt.KdfSemaphore(config.state_dir, config.kdf_max_parallel)
-        path = dmcrypt.activate(loop_path, unlocked.session, secret.value, volume,
-                                config.kdf_max_memory_kib, semaphore)
+        semaphore = dmcrypt.KdfSemaphore(config.state_dir, config.kdf_max_parallel, config.kdf_lock_timeout)
+        path = dmcrypt.activate(header, loop_path, unlocked.session, secret.value, semaphore)
     _checkpoint("mapping")
     return path
 

@@ -1,4 +1,4 @@
-"""LUKS2 in userspace: headers, keyslots, KDF cost, key check and sector decryption.
+"""LUKS2 in userspace: headers, metadata validation, the KDF caps, and sector decryption.
 
 No root, no device-mapper: everything is read with ``os.pread`` from an already-open fd, at the
 volume's offset inside that file (a SIF partition, or 0 for a bare volume). The on-disk format is
@@ -13,6 +13,11 @@ cryptsetup's (its docs/on-disk-format-luks2.pdf; docs/formats.md, "LUKS2"):
 The metadata is hostile input: every number is checked against the volume size and against
 cryptsetup's own limits before anything is allocated or read, and every failure is an
 ``ImageError`` (malformed) or ``UnsupportedImageError`` (valid but not something we can open).
+
+Keys are checked and volumes activated by libcryptsetup (``libcryptsetup.py``), on a snapshot of
+the bytes ``header_ranges`` names; this module validates the metadata libcryptsetup chose and
+decides, before any key derivation runs, which keyslots the site's caps let run
+(``affordable_keyslots``) and what to say when none opens (``no_keyslot_opened``).
 """
 import base64
 import binascii
@@ -25,7 +30,7 @@ from typing import NamedTuple
 
 from spank_sif.errors import ImageError, PolicyError, SifError, UnsupportedImageError, WrongKeyError
 from spank_sif.fdio import read_exact
-from spank_sif.secret import Secret, buffer
+from spank_sif.secret import buffer
 
 MAGIC_PRIMARY = b"LUKS\xba\xbe"
 MAGIC_SECONDARY = b"SKUL\xba\xbe"
@@ -38,6 +43,10 @@ SUPPORTED_CIPHER = "aes-xts-plain64"
 XTS_KEY_SIZES = (32, 64)  # AES-128-XTS, AES-256-XTS
 MAX_KEYSLOTS = 32
 MAX_STRIPES = 4000  # cryptsetup's only value; bounds the keyslot material to 256 KB
+# libcryptsetup reads key_size x 4000 bytes of keyslot material whatever af.stripes says.
+LUKS_STRIPES = 4000
+# Where libcryptsetup looks for header copies: a binary header names any size in this range.
+HEADER_SIZE_MIN, HEADER_SIZE_MAX = HEADER_SIZES[0], HEADER_SIZES[-1]
 # cryptsetup's limits (lib/crypto_backend/pbkdf_check.c); anything beyond is not a cryptsetup volume.
 ARGON2_MAX_MEMORY_KIB = 4 * 1024 * 1024
 ARGON2_MAX_THREADS = 16
@@ -48,7 +57,7 @@ SECTOR = 512  # keyslot areas and IVs count in 512-byte units whatever the data 
 
 
 class KdfCost(NamedTuple):
-    """What running a keyslot's KDF costs: the site cap is checked against this before running it.
+    """What running a keyslot's KDF costs: the site's caps are checked against this before running it.
 
     Argon2 keyslots have ``memory_kib``, ``time`` (passes) and ``threads``; PBKDF2 keyslots have
     ``iterations`` (and no memory to speak of)."""
@@ -58,6 +67,10 @@ class KdfCost(NamedTuple):
     time: int = 0
     iterations: int = 0
     threads: int = 1
+
+    @property
+    def memory_hard(self) -> bool:
+        return self.type != "pbkdf2"
 
     def describe(self) -> str:
         if self.type == "pbkdf2":
@@ -109,9 +122,9 @@ class Luks2Volume(NamedTuple):
     seqid: int
     header_size: int
     header_copy: str  # "primary" or "secondary": the copy the metadata came from
-    keyslots: tuple  # of Keyslot, by id
+    keyslots: tuple  # of Keyslot, in the metadata's order
     segment: Segment
-    digests: tuple  # of Digest, by id
+    digests: tuple  # of Digest, in the metadata's order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,31 +135,90 @@ def _pread(fd: int, length: int, offset: int, what: str) -> bytes:
     return read_exact(fd, length, offset, f"the LUKS2 {what}")
 
 
+def _check_size(offset: int, size: int) -> None:
+    if offset < 0 or size < 2 * HEADER_SIZES[0]:
+        raise ImageError(f"LUKS2 volume of {size} bytes is too small to hold its two headers")
+
+
 def read_luks2(fd: int, offset: int = 0, size: int | None = None) -> Luks2Volume:
-    """Read, checksum-verify and validate the LUKS2 volume of ``size`` bytes at ``offset`` in ``fd``."""
+    """Read, checksum-verify and validate the LUKS2 volume of ``size`` bytes at ``offset`` in ``fd``.
+
+    The newer valid copy wins, the primary on a tie. (libcryptsetup also drops a copy whose
+    metadata it finds invalid, and its choice is the one that counts: ``libcryptsetup.Header``.)"""
     if size is None:
         try:
             size = os.fstat(fd).st_size - offset
         except OSError as exc:
             raise ImageError(f"cannot stat the image: {exc.strerror}") from exc
-    if offset < 0 or size < 2 * HEADER_SIZES[0]:
-        raise ImageError(f"LUKS2 volume of {size} bytes is too small to hold its two headers")
-    copies: list = []
     problems: list[str] = []
+    copies = header_copies(fd, offset, size, problems)
+    if not copies:
+        raise ImageError(problems[0] if problems else "no LUKS2 header found")
+    name, fields, metadata = max(copies, key=lambda c: (c[1]["seqid"], c[0] == "primary"))
+    return validate(fields, metadata, name, offset, size)
+
+
+def header_copies(fd: int, offset: int, size: int, problems: list | None = None) -> list:
+    """The header copies whose binary header, checksum and JSON text are sound, as
+    ``(name, binary fields, JSON dict)``; what is wrong with the others goes to ``problems``."""
+    _check_size(offset, size)
+    problems = [] if problems is None else problems
+    copies: list = []
     primary = _read_copy(fd, offset, size, 0, MAGIC_PRIMARY, problems)
     if primary:
-        copies.append(("primary", primary))
+        copies.append(("primary", *primary))
     # The secondary sits right after the primary; if the primary is unreadable, look where it may be.
     for where in ((primary[0]["hdr_size"],) if primary else HEADER_SIZES):
         secondary = _read_copy(fd, offset, size, where, MAGIC_SECONDARY, problems if primary else [])
         if secondary:
-            copies.append(("secondary", secondary))
+            copies.append(("secondary", *secondary))
             break
-    if not copies:
-        raise ImageError(problems[0] if problems else "no LUKS2 header found")
-    # Both valid: cryptsetup trusts the newer one (higher seqid), the primary on a tie.
-    name, (fields, metadata) = max(copies, key=lambda c: (c[1][0]["seqid"], c[0] == "primary"))
-    return _volume(fields, metadata, name, offset, size)
+    return copies
+
+
+def header_ranges(fd: int, offset: int, size: int) -> list:
+    """Every part of the volume libcryptsetup may read to choose a header copy, as merged
+    ``(start, length)`` ranges relative to the volume: the binary header at each place a copy can
+    start (0, every allowed header size, the size the primary names) and the whole of each copy
+    whose binary header has the right magic and a size libcryptsetup would read. At most 8 MiB and
+    a few KiB whatever the headers claim."""
+    _check_size(offset, size)
+    ranges = []
+
+    def binary(at: int) -> bytes:
+        if at + BINARY_HEADER_SIZE > size:
+            return b""
+        ranges.append((at, BINARY_HEADER_SIZE))
+        return _pread(fd, BINARY_HEADER_SIZE, offset + at, "header")
+
+    places = set(HEADER_SIZES)
+    raw = binary(0)
+    named = int.from_bytes(raw[8:16], "big")
+    if raw[:6] == MAGIC_PRIMARY and HEADER_SIZE_MIN <= named <= HEADER_SIZE_MAX:
+        ranges.append((0, min(named, size)))
+        places.add(named)
+    for at in sorted(places):
+        raw = binary(at)
+        if raw[:6] == MAGIC_SECONDARY and int.from_bytes(raw[8:16], "big") == at:
+            ranges.append((at, min(at, size - at)))
+    return _merge(ranges)
+
+
+def _merge(ranges: list) -> list:
+    merged: list = []
+    for start, length in sorted(ranges):
+        if merged and start <= merged[-1][0] + merged[-1][1]:
+            last_start, last_length = merged[-1]
+            merged[-1] = (last_start, max(last_length, start + length - last_start))
+        else:
+            merged.append((start, length))
+    return merged
+
+
+def keyslot_material(keyslot: "Keyslot") -> tuple:
+    """``(offset, length)`` in the volume of the encrypted key material libcryptsetup reads to
+    open ``keyslot``."""
+    return keyslot.area_offset, -(-keyslot.key_size * LUKS_STRIPES // SECTOR) * SECTOR
 
 
 def _read_copy(fd, offset, size, where, magic, problems):
@@ -276,7 +348,9 @@ def _id_list(obj, key, where, high):
     return frozenset(int(i) for i in items)
 
 
-def _volume(fields, metadata, copy, offset, size) -> Luks2Volume:
+def validate(fields: dict, metadata: dict, copy: str, offset: int, size: int) -> Luks2Volume:
+    """The volume a header copy describes (its binary ``fields`` and JSON ``metadata``), every
+    value checked; ``copy`` names it ("primary", "secondary")."""
     hdr_size = fields["hdr_size"]
     config = _field(metadata, "config", "")
     if _u64(config, "json_size", "config") != hdr_size - BINARY_HEADER_SIZE:
@@ -290,11 +364,11 @@ def _volume(fields, metadata, copy, offset, size) -> Luks2Volume:
         raise UnsupportedImageError(f"LUKS2 volume requires {', '.join(map(str, mandatory))[:80]} "
                                     "(an unfinished reencryption?); finish it with cryptsetup first")
     segment = _segment(_field(metadata, "segments", ""), keyslots_end, size)
-    digests = tuple(_digest(i, d) for i, d in sorted(_ids(_field(metadata, "digests", ""), "digests",
-                                                             MAX_KEYSLOTS).items()))
+    # In the metadata's order, which is the order libcryptsetup walks them in.
+    digests = tuple(_digest(i, d) for i, d in _ids(_field(metadata, "digests", ""), "digests",
+                                                   MAX_KEYSLOTS).items())
     keyslots = tuple(_keyslot(i, k, keyslots_end, hdr_size)
-                     for i, k in sorted(_ids(_field(metadata, "keyslots", ""), "keyslots",
-                                             MAX_KEYSLOTS).items()))
+                     for i, k in _ids(_field(metadata, "keyslots", ""), "keyslots", MAX_KEYSLOTS).items())
     _field(metadata, "tokens", "")
     return Luks2Volume(offset=offset, size=size, uuid=fields["uuid"], label=fields["label"],
                        seqid=fields["seqid"], header_size=hdr_size, header_copy=copy,
@@ -374,126 +448,108 @@ def _keyslot(ident: int, k: dict, keyslots_end: int, hdr_size: int) -> Keyslot:
 
 
 # ---------------------------------------------------------------------------------------------
-# Unlocking
+# Which keyslots a passphrase is tried against, and which of them the site's caps let run
+
+
+def digest_of(volume: Luks2Volume, keyslot: Keyslot) -> Digest | None:
+    """The digest that checks the key ``keyslot`` holds: the first one listing it, as libcryptsetup
+    looks it up."""
+    return next((d for d in volume.digests if keyslot.id in d.keyslots), None)
 
 
 def keyslot_order(volume: Luks2Volume) -> list:
-    """Keyslots a passphrase is tried against, as cryptsetup tries them: only keyslots bound to the
-    data segment's digest, "prefer" (2) before "normal" (1), "ignore" (0) never; by id within one."""
-    bound = {ks for d in volume.digests if 0 in d.segments for ks in d.keyslots}
-    usable = [k for k in volume.keyslots if k.id in bound and k.priority != PRIORITY_IGNORE]
-    return sorted(usable, key=lambda k: (-k.priority, k.id))
+    """Keyslots a passphrase is tried against, as libcryptsetup tries them: those whose digest
+    covers the data segment, "prefer" (2) before "normal" (1), "ignore" (0) never; in the
+    metadata's order within one priority."""
+    bound = [k for k in volume.keyslots
+             if k.priority != PRIORITY_IGNORE and (d := digest_of(volume, k)) is not None and 0 in d.segments]
+    return sorted(bound, key=lambda k: -k.priority)  # stable: the metadata's order within a priority
+
+
+class KdfCaps(NamedTuple):
+    """The site's limits on what a key derivation may cost (None: no limit), checked before any
+    derivation runs. The config keys are named in the messages."""
+
+    memory_kib: int | None = None         # Argon2 memory
+    time_cost: int | None = None          # Argon2 passes
+    threads: int | None = None            # Argon2 threads (lanes)
+    pbkdf2_iterations: int | None = None  # PBKDF2 keyslots and the volume-key digest
+
+
+NO_CAPS = KdfCaps()
+
+
+def site_caps(config) -> KdfCaps:
+    """The caps of a site configuration (``config.SiteConfig``)."""
+    return KdfCaps(config.kdf_max_memory_kib, config.kdf_max_time_cost, config.kdf_max_threads,
+                   config.kdf_max_pbkdf2_iterations)
 
 
 # The one place that decides which keyslots may run, and what to say when none opened: verify-key
-# (userspace) and the node engine (dm-crypt) must accept exactly the same keys.
+# (as the user) and the node engine (as root) must accept exactly the same keys.
 
 WRONG_KEY = ("no keyslot of the image accepts this key: check the passphrase or PEM key (is it the "
              "key this image was built with?)")
 
+# What each cap limits: (field of KdfCost, field of KdfCaps, config key, the cost in words, the
+# cap in words, how to rebuild the image).
+_LIMITS = (
+    ("memory_kib", "memory_kib", "kdf_max_memory_kib", "{} KiB of memory", "{} KiB", "a smaller --pbkdf-memory"),
+    ("time", "time_cost", "kdf_max_time_cost", "{} passes", "{} passes",
+     "a smaller --pbkdf-force-iterations or --iter-time"),
+    ("threads", "threads", "kdf_max_threads", "{} threads", "{}", "a smaller --pbkdf-parallel"),
+    ("iterations", "pbkdf2_iterations", "kdf_max_pbkdf2_iterations", "{} PBKDF2 iterations", "{}",
+     "a smaller --iter-time or --pbkdf-force-iterations"),
+)
 
-def _over_cap(keyslot: Keyslot, max_memory_kib: int | None) -> bool:
-    return max_memory_kib is not None and keyslot.kdf.memory_kib > max_memory_kib
+
+def _excess(keyslot: Keyslot, caps: KdfCaps) -> str:
+    """Why ``keyslot``'s KDF is above the caps ("" if it is not), as a message."""
+    for field, cap_field, key, cost_words, cap_words, rebuild in _LIMITS:
+        value, cap = getattr(keyslot.kdf, field), getattr(caps, cap_field)
+        if cap is not None and value > cap:
+            return (f"the image's key derivation (keyslot {keyslot.id}: {keyslot.kdf.describe()}) needs "
+                    f"{cost_words.format(value)}, above this site's limit of {cap_words.format(cap)} ({key}): "
+                    f"rebuild the image with {rebuild} or ask your admin")
+    return ""
 
 
-def affordable_keyslots(volume: Luks2Volume, max_memory_kib: int | None) -> list:
-    """The keyslots to try, in cryptsetup's order, whose KDF fits the site's cap (KiB of memory;
-    None: no cap, for tools that study volumes).
+def _digest_excess(volume: Luks2Volume, keyslots: list, caps: KdfCaps) -> str:
+    cap = caps.pbkdf2_iterations
+    for digest in dict.fromkeys(digest_of(volume, k) for k in keyslots):
+        if cap is not None and digest is not None and digest.iterations > cap:
+            return (f"the image's volume-key digest {digest.id} needs {digest.iterations} PBKDF2 iterations, "
+                    f"above this site's limit of {cap} (kdf_max_pbkdf2_iterations): rebuild the image "
+                    "(cryptsetup luksFormat) or ask your admin")
+    return ""
 
-    Decided before any KDF runs: raises PolicyError if no keyslot fits, UnsupportedImageError if
-    the volume has no usable keyslot at all."""
+
+def affordable_keyslots(volume: Luks2Volume, caps: KdfCaps) -> list:
+    """The keyslots to try, in libcryptsetup's order, whose costs all fit the site's caps: Argon2
+    memory, passes and threads, PBKDF2 iterations, and the iterations of the digest that checks
+    the key they hold (``NO_CAPS``: tools that study volumes).
+
+    Decided before any derivation runs: raises PolicyError if no keyslot fits, UnsupportedImageError
+    if the volume has no usable keyslot at all."""
     candidates = keyslot_order(volume)
     if not candidates:
         raise UnsupportedImageError("the image's LUKS2 volume has no usable keyslot (all removed or "
                                     "ignored): it cannot be opened")
-    if max_memory_kib is None:
-        return candidates
-    allowed = [k for k in candidates if not _over_cap(k, max_memory_kib)]
+    allowed = [k for k in candidates if not _excess(k, caps) and not _digest_excess(volume, [k], caps)]
     if not allowed:
-        raise _cost_error(min(candidates, key=lambda k: k.kdf.memory_kib), max_memory_kib, "")
+        raise PolicyError(_excess(candidates[0], caps) or _digest_excess(volume, candidates, caps))
     return allowed
 
 
-def no_keyslot_opened(volume: Luks2Volume, max_memory_kib: int | None) -> SifError:
+def no_keyslot_opened(volume: Luks2Volume, caps: KdfCaps) -> SifError:
     """The error once every affordable keyslot refused the key: a wrong key, unless a keyslot was
     skipped for its cost (then the key might open that one, and the cap is the reason)."""
-    skipped = [k for k in keyslot_order(volume) if _over_cap(k, max_memory_kib)]
-    if skipped and max_memory_kib is not None:
-        return _cost_error(skipped[0], max_memory_kib, "no keyslot within the cap accepts this key; ")
+    allowed = affordable_keyslots(volume, caps)
+    skipped = [k for k in keyslot_order(volume) if k not in allowed]
+    if skipped:
+        reason = _excess(skipped[0], caps) or _digest_excess(volume, skipped[:1], caps)
+        return PolicyError(f"no keyslot within the caps accepts this key; {reason}")
     return WrongKeyError(WRONG_KEY)
-
-
-def _cost_error(keyslot: Keyslot, max_memory_kib: int, prefix: str) -> PolicyError:
-    return PolicyError(f"{prefix}the image's key derivation (keyslot {keyslot.id}: {keyslot.kdf.describe()}) "
-                       f"needs {keyslot.kdf.memory_kib} KiB of memory, above this site's limit of "
-                       f"{max_memory_kib} KiB (kdf_max_memory_kib): rebuild the image with a smaller "
-                       "--pbkdf-memory or ask your admin")
-
-
-def unlock(volume: Luks2Volume, fd: int, passphrase, max_kdf_memory_kib: int | None = None):
-    """Try ``passphrase`` (bytes-like or Secret) on the affordable keyslots -> (keyslot id, volume
-    key Secret). Raises the errors of ``affordable_keyslots`` and ``no_keyslot_opened``."""
-    secret = buffer(passphrase)
-    for keyslot in affordable_keyslots(volume, max_kdf_memory_kib):
-        volume_key = open_keyslot(volume, fd, keyslot, secret)
-        if volume_key is not None:
-            return keyslot.id, volume_key
-    raise no_keyslot_opened(volume, max_kdf_memory_kib)
-
-
-def open_keyslot(volume: Luks2Volume, fd: int, keyslot: Keyslot, passphrase) -> Secret | None:
-    """The volume key held by ``keyslot`` if ``passphrase`` opens it, else None."""
-    if not any(keyslot.id in d.keyslots for d in volume.digests):
-        return None
-    with Secret(derive_key(keyslot, passphrase)) as area_key:
-        return recover_volume_key(volume, fd, keyslot, area_key.value)
-
-
-def recover_volume_key(volume: Luks2Volume, fd: int, keyslot: Keyslot, area_key) -> Secret | None:
-    """Everything after the KDF: decrypt the keyslot area, AF-merge, check against the digest."""
-    digest = next(d for d in volume.digests if keyslot.id in d.keyslots)
-    material = _pread(fd, -(-keyslot.key_size * keyslot.af_stripes // SECTOR) * SECTOR,
-                      volume.offset + keyslot.area_offset, f"keyslot {keyslot.id} area")
-    split = _xts_decrypt(area_key, material, SECTOR, 0)
-    candidate = Secret(af_merge(split, keyslot.key_size, keyslot.af_stripes, keyslot.af_hash))
-    check = hashlib.pbkdf2_hmac(digest.hash, candidate.value, digest.salt, digest.iterations,
-                                len(digest.digest))
-    if hmac.compare_digest(check, digest.digest):
-        return candidate
-    candidate.wipe()
-    return None
-
-
-def derive_key(keyslot: Keyslot, passphrase) -> bytes:
-    """Run the keyslot's KDF (the expensive part of an unlock)."""
-    cost = keyslot.kdf
-    if cost.type == "pbkdf2":
-        return hashlib.pbkdf2_hmac(keyslot.kdf_hash, passphrase, keyslot.kdf_salt, cost.iterations,
-                                   keyslot.area_key_size)
-    from cryptography.hazmat.primitives.kdf import argon2  # deferred: only argon2 keyslots need it
-    kdf_class = argon2.Argon2id if cost.type == "argon2id" else argon2.Argon2i
-    try:
-        return kdf_class(salt=keyslot.kdf_salt, length=keyslot.area_key_size, iterations=cost.time,
-                         lanes=cost.threads, memory_cost=cost.memory_kib).derive(passphrase)
-    except ValueError as exc:  # parameters the library refuses (read_luks2 should have caught them)
-        raise ImageError(f"LUKS2 keyslot {keyslot.id} has unusable KDF parameters: {exc}") from exc
-    except MemoryError as exc:
-        raise PolicyError(f"not enough memory for keyslot {keyslot.id}'s KDF ({cost.describe()})") from exc
-
-
-def af_merge(split: bytes, key_size: int, stripes: int, hash_name: str) -> bytearray:
-    """LUKS anti-forensic merge: xor the stripes together, diffusing the running value between them
-    (diffuse: each hash-sized block i becomes H(be32(i) || block), truncated to the block's size)."""
-    new_hash = getattr(hashlib, hash_name)  # HASHES are all hashlib attributes; faster than hashlib.new
-    size = new_hash().digest_size
-    pieces = [(i.to_bytes(4, "big"), i * size, min(key_size, (i + 1) * size))
-              for i in range(-(-key_size // size))]
-    acc, from_bytes = bytes(key_size), int.from_bytes  # hot loop (8000 hashes): kept lean
-    for s in range(stripes - 1):
-        mixed = (from_bytes(acc, "little") ^ from_bytes(split[s * key_size:(s + 1) * key_size], "little")
-                 ).to_bytes(key_size, "little")
-        acc = b"".join([new_hash(prefix + mixed[lo:hi]).digest()[:hi - lo] for prefix, lo, hi in pieces])
-    return bytearray(_xor(acc, split[(stripes - 1) * key_size:stripes * key_size]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,6 +108,49 @@ def in_child(fn, *args, env: dict | None = None):
     return in_children([(fn, *args)], env)[0]
 
 
+def _address_space() -> int:
+    """This process's virtual memory size in bytes (what RLIMIT_AS counts)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+def measured(fn, *args, headroom: int | None = None, timeout: float = 600.0, env: dict | None = None):
+    """Run ``fn(*args)`` in a forked child, as ``in_child`` does, and watch it from outside:
+    ``(status, result, seconds, max_rss_kib)``. ``headroom``: the child may map at most this many
+    bytes beyond what it inherited (RLIMIT_AS), so an allocation above it fails (ENOMEM) instead of
+    happening. After ``timeout`` seconds the child is killed (status -9, result "timeout")."""
+    import pickle
+    import resource
+    import signal
+    read_end, write_end = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        if headroom is not None:
+            limit = _address_space() + headroom
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        _child_run(fn, args, env, write_end)
+    os.close(write_end)
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() - start > timeout:
+            os.kill(pid, signal.SIGKILL)
+            _, status, usage = os.wait4(pid, 0)
+            os.close(read_end)
+            return -9, "timeout", time.monotonic() - start, usage.ru_maxrss
+        time.sleep(0.02)
+    seconds = time.monotonic() - start
+    with os.fdopen(read_end, "rb") as inp:
+        data = inp.read()
+    return (os.waitstatus_to_exitcode(status), pickle.loads(data) if data else None, seconds,
+            usage.ru_maxrss)
+
+
 def loops_backed_by(image: Path) -> list[str]:
     """Loop devices whose backing file is ``image``, as ``losetup`` reports them."""
     out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],

@@ -68,3 +68,65 @@ def mutate_json(region: bytearray, change) -> bytearray:
     change(meta)
     set_metadata(out, json.dumps(meta).encode())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Header copies that disagree (the images of security finding 1), made by byte edits of a real
+# cryptsetup volume's JSON areas, sequence ids and checksums.
+
+# What libcryptsetup's metadata validation rejects (a token needs a type and a keyslots list), so
+# a copy carrying it is dropped and the other copy is used, whatever the sequence ids say.
+REJECTED_TOKENS = {"0": {}}
+# An Argon2id keyslot at cryptsetup's own limits: 4 GiB, far above any site's cap.
+ARGON2_4GIB = {"type": "argon2id", "time": 4, "memory": 4194304, "cpus": 1}
+
+
+def seqid(region: bytearray, copy: int) -> int:
+    hdr_size = int.from_bytes(region[8:16], "big")
+    return int.from_bytes(region[copy * hdr_size + 16:copy * hdr_size + 24], "big")
+
+
+def set_copy(region: bytearray, copy: int, meta: dict, seq: int | None = None) -> None:
+    """Give header copy ``copy`` (0 primary, 1 secondary) the metadata ``meta`` and, if given, the
+    sequence id ``seq``; its checksum is recomputed (the copy is valid as far as bytes go)."""
+    hdr_size = int.from_bytes(region[8:16], "big")
+    base = copy * hdr_size
+    text = json.dumps(meta).encode()
+    region[base + 4096:base + hdr_size] = text[:hdr_size - 4096].ljust(hdr_size - 4096, b"\0")
+    if seq is not None:
+        region[base + 16:base + 24] = seq.to_bytes(8, "big")
+    fix_checksum(region, copy)
+
+
+def with_kdf(meta: dict, slot: str, kdf: dict) -> dict:
+    """A copy of ``meta`` whose keyslot ``slot`` claims the KDF ``kdf`` (its salt kept)."""
+    out = json.loads(json.dumps(meta))
+    out["keyslots"][slot]["kdf"] = {**kdf, "salt": meta["keyslots"][slot]["kdf"]["salt"]}
+    return out
+
+
+def only_keyslot(meta: dict, slot: str) -> dict:
+    """A copy of ``meta`` that keeps keyslot ``slot`` alone (in the keyslots and the digests)."""
+    out = json.loads(json.dumps(meta))
+    out["keyslots"] = {slot: out["keyslots"][slot]}
+    for digest in out["digests"].values():
+        digest["keyslots"] = [k for k in digest["keyslots"] if k == slot]
+    return out
+
+
+def hostile_two_copies(region: bytearray) -> bytearray:
+    """The reproduced attack: the primary copy is newer and shows the volume's cheap keyslot, plus a
+    token libcryptsetup rejects; the secondary copy claims Argon2id at 4 GiB. A reader that takes
+    the newer copy sees the cheap one; libcryptsetup drops it and runs the 4 GiB derivation."""
+    out = bytearray(region)
+    meta = metadata(out, 0)
+    set_copy(out, 0, {**meta, "tokens": REJECTED_TOKENS}, seqid(out, 0) + 10)
+    set_copy(out, 1, with_kdf(meta, "0", ARGON2_4GIB), seqid(out, 1))
+    return out
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` into the file at ``offset`` (a volume's header region inside a SIF image)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)

@@ -2,7 +2,6 @@
 import hashlib
 import json
 import os
-import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +11,6 @@ import luks_cases
 import reftools
 from spank_sif import luks2
 from spank_sif.errors import ImageError, PolicyError, SifError, UnsupportedImageError, WrongKeyError
-from spank_sif.secret import Secret
 
 KEY = b"correct horse battery staple"
 SIZE = 20 << 20
@@ -35,7 +33,7 @@ def plain_volume(workdir):
 
 
 # ---------------------------------------------------------------------------------------------
-# Volume keys: every keyslot kind, both sector sizes, key sizes and hashes, equal to cryptsetup's.
+# What the parser reads equals what cryptsetup reports (keys themselves: tests/test_libcryptsetup.py).
 
 VOLUME_CASES = {
     **{f"{kdf}-{sector}": luks_cases.cryptsetup_args(kdf, sector)
@@ -47,19 +45,11 @@ VOLUME_CASES = {
 
 
 @pytest.mark.parametrize("name", VOLUME_CASES)
-def test_volume_key_matches_cryptsetup(workdir, name):
+def test_metadata_matches_cryptsetup(workdir, name):
     path = reftools.luks_format(workdir / f"{name}.img", KEY, SIZE, *VOLUME_CASES[name], fast=False)
-    fd, volume = _open(path)
-    try:
-        keyslot, volume_key = luks2.unlock(volume, fd, KEY)
-        assert keyslot == 0
-        assert bytes(volume_key.value) == reftools.volume_key(path, KEY)
-        with pytest.raises(WrongKeyError, match="no keyslot of the image accepts this key"):
-            luks2.unlock(volume, fd, KEY + b"\n")
-    finally:
-        os.close(fd)
-    dump = reftools.run("cryptsetup", "luksDump", "--dump-json-metadata", path).stdout
-    slot = json.loads(dump)["keyslots"]["0"]
+    volume = _read(path)
+    dump = json.loads(reftools.run("cryptsetup", "luksDump", "--dump-json-metadata", path).stdout)
+    slot, digest = dump["keyslots"]["0"], dump["digests"]["0"]
     kdf = volume.keyslots[0].kdf
     assert kdf.type == slot["kdf"]["type"]
     if kdf.type == "pbkdf2":
@@ -67,123 +57,79 @@ def test_volume_key_matches_cryptsetup(workdir, name):
     else:
         assert (kdf.memory_kib, kdf.time, kdf.threads) == (slot["kdf"]["memory"], slot["kdf"]["time"],
                                                           slot["kdf"]["cpus"])
-    assert volume.segment.sector_size == json.loads(dump)["segments"]["0"]["sector_size"]
-
-
-def test_secret_passphrase_is_accepted(plain_volume):
-    fd, volume = _open(plain_volume)
-    try:
-        with Secret(KEY) as passphrase:
-            assert luks2.unlock(volume, fd, passphrase)[0] == 0
-    finally:
-        os.close(fd)
+    assert volume.keyslots[0].key_size == slot["key_size"]
+    assert (volume.digests[0].iterations, volume.digests[0].hash) == (digest["iterations"], digest["hash"])
+    assert volume.segment.sector_size == dump["segments"]["0"]["sector_size"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Several keyslots: added, killed, priorities.
+# Which keyslots the caps let run, and the messages (the derivations themselves never run here).
 
 
-@pytest.fixture(scope="module")
-def multi_volume(workdir):
-    """Keyslot 0 (KEY, argon2id), 1 (pbkdf2), 2 (argon2i); then tests change priorities/kill slots."""
-    path = reftools.luks_format(workdir / "multi.img", KEY, SIZE)
-    for slot, kdf in ((1, "pbkdf2"), (2, "argon2i")):
-        new = workdir / f"key{slot}"
-        new.write_bytes(b"key %d" % slot)
-        reftools.run("cryptsetup", "luksAddKey", "--batch-mode", *luks_cases.KDFS[kdf], "--key-slot", slot,
-                     "--key-file", _keyfile(workdir, KEY), path, new)
-    return path
+def _volume(workdir, region, change):
+    return _read(luks_cases.write_volume(workdir / "caps.img", luks_cases.mutate_json(region, change), SIZE))
 
 
-def _keyfile(workdir, key):
-    path = workdir / "current.key"
-    path.write_bytes(key)
-    return path
+CAP_CASES = [
+    # (change to keyslot 0's KDF, caps, the words of the refusal)
+    ({"memory": 65536}, luks2.KdfCaps(memory_kib=16384),
+     r"keyslot 0: argon2id, 65536 KiB, 4 passes, 1 threads\) needs 65536 KiB of memory, above this site's "
+     r"limit of 16384 KiB \(kdf_max_memory_kib\): rebuild the image with a smaller --pbkdf-memory"),
+    ({"time": 2**31}, luks2.KdfCaps(time_cost=16),
+     r"needs 2147483648 passes, above this site's limit of 16 passes \(kdf_max_time_cost\)"),
+    ({"cpus": 16}, luks2.KdfCaps(threads=8), r"needs 16 threads, above this site's limit of 8 \(kdf_max_threads\)"),
+]
 
 
-def _copy(src, dst):
-    shutil.copyfile(src, dst)
-    return dst
+@pytest.mark.parametrize("kdf, caps, words", CAP_CASES, ids=["memory", "passes", "threads"])
+def test_each_argon2_cost_has_its_cap(workdir, plain_volume, kdf, caps, words):
+    region, _ = luks_cases.header_region(plain_volume)
+    volume = _volume(workdir, region, lambda m: m["keyslots"]["0"]["kdf"].update({"cpus": 1, **kdf}))
+    with pytest.raises(PolicyError, match=words):
+        luks2.affordable_keyslots(volume, caps)
+    assert luks2.affordable_keyslots(volume, luks2.NO_CAPS) == list(volume.keyslots)
 
 
-@pytest.mark.parametrize("key, slot", [(KEY, 0), (b"key 1", 1), (b"key 2", 2)])
-def test_each_keyslot_opens_with_its_key(multi_volume, key, slot):
-    fd, volume = _open(multi_volume)
-    try:
-        found, volume_key = luks2.unlock(volume, fd, key)
-    finally:
-        os.close(fd)
-    assert found == slot
-    assert bytes(volume_key.value) == reftools.volume_key(multi_volume, KEY)
+def test_pbkdf2_iterations_of_keyslots_and_digests_are_capped(workdir):
+    path = reftools.luks_format(workdir / "pbkdf2.img", KEY, SIZE, *luks_cases.KDFS["pbkdf2"], fast=False)
+    region, _ = luks_cases.header_region(path)
+    volume = _volume(workdir, region, lambda m: m["digests"]["0"].update(iterations=1000))
+    caps = luks2.KdfCaps(pbkdf2_iterations=1000)
+    assert luks2.affordable_keyslots(volume, caps) == list(volume.keyslots)
+    slow_keyslot = _volume(workdir, region, lambda m: m["keyslots"]["0"]["kdf"].update(iterations=2**32 - 1))
+    with pytest.raises(PolicyError, match=r"pbkdf2, 4294967295 iterations\) needs 4294967295 PBKDF2 "
+                                          r"iterations, above this site's limit of 1000 \(kdf_max_pbkdf2"):
+        luks2.affordable_keyslots(slow_keyslot, caps)
+    slow_digest = _volume(workdir, region, lambda m: m["digests"]["0"].update(iterations=2**32 - 1))
+    with pytest.raises(PolicyError, match=r"volume-key digest 0 needs 4294967295 PBKDF2 iterations, above "
+                                          r"this site's limit of 1000 \(kdf_max_pbkdf2_iterations\)"):
+        luks2.affordable_keyslots(slow_digest, caps)
 
 
-def test_killed_keyslot_no_longer_opens(workdir, multi_volume):
-    path = _copy(multi_volume, workdir / "killed.img")
-    reftools.run("cryptsetup", "luksKillSlot", "--batch-mode", path, "1")
-    fd, volume = _open(path)
-    try:
-        assert [k.id for k in volume.keyslots] == [0, 2]
-        with pytest.raises(WrongKeyError):
-            luks2.unlock(volume, fd, b"key 1")
-        assert luks2.unlock(volume, fd, b"key 2")[0] == 2
-    finally:
-        os.close(fd)
+def test_caps_skip_only_the_keyslots_above_them(workdir, plain_volume):
+    region, _ = luks_cases.header_region(plain_volume)
+
+    def two_keyslots(meta):  # keyslot 1: a PBKDF2 twin of keyslot 0 (same area: only costs matter here)
+        meta["keyslots"]["1"] = json.loads(json.dumps(meta["keyslots"]["0"]))
+        meta["keyslots"]["1"]["kdf"] = {"type": "pbkdf2", "hash": "sha256", "iterations": 1000,
+                                        "salt": meta["keyslots"]["0"]["kdf"]["salt"]}
+        meta["digests"]["0"]["keyslots"].append("1")
+
+    volume = _volume(workdir, region, two_keyslots)
+    caps = luks2.KdfCaps(memory_kib=1024)
+    assert [k.id for k in luks2.affordable_keyslots(volume, caps)] == [1]
+    refusal = luks2.no_keyslot_opened(volume, caps)
+    assert isinstance(refusal, PolicyError)
+    assert str(refusal).startswith("no keyslot within the caps accepts this key; the image's key "
+                                   "derivation (keyslot 0: argon2id")
+    assert isinstance(luks2.no_keyslot_opened(volume, luks2.NO_CAPS), WrongKeyError)
 
 
-def test_priorities_order_and_ignore_like_cryptsetup(workdir, multi_volume):
-    path = _copy(multi_volume, workdir / "priorities.img")
-    reftools.run("cryptsetup", "config", path, "--key-slot", "2", "--priority", "prefer")
-    reftools.run("cryptsetup", "config", path, "--key-slot", "1", "--priority", "ignore")
-    fd, volume = _open(path)
-    try:
-        assert [k.id for k in luks2.keyslot_order(volume)] == [2, 0]
-        # cryptsetup itself refuses the key of an ignored keyslot unless asked for that keyslot.
-        assert reftools.run("cryptsetup", "open", "--test-passphrase", "--key-file",
-                            _keyfile(workdir, b"key 1"), path, check=False).returncode == 2
-        with pytest.raises(WrongKeyError):
-            luks2.unlock(volume, fd, b"key 1")
-        assert luks2.unlock(volume, fd, b"key 2")[0] == 2
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------
-# The KDF memory cap is checked before any KDF runs.
-
-
-@pytest.fixture
-def kdf_calls(monkeypatch):
-    """Records which keyslots had their KDF run (the real KDF still runs)."""
-    calls, real = [], luks2.derive_key
-
-    def spy(keyslot, passphrase):
-        calls.append(keyslot.id)
-        return real(keyslot, passphrase)
-
-    monkeypatch.setattr(luks2, "derive_key", spy)
-    return calls
-
-
-def test_kdf_cap_refuses_before_running_the_kdf(plain_volume, kdf_calls):
-    fd, volume = _open(plain_volume)
-    try:
-        with pytest.raises(PolicyError, match=r"keyslot 0: .* needs 32768 KiB of memory, above this site's limit of 16384 KiB"):
-            luks2.unlock(volume, fd, KEY, max_kdf_memory_kib=16384)
-        assert kdf_calls == []
-        assert luks2.unlock(volume, fd, KEY, max_kdf_memory_kib=32768)[0] == 0
-    finally:
-        os.close(fd)
-
-
-def test_kdf_cap_skips_only_the_keyslots_above_it(multi_volume, kdf_calls):
-    fd, volume = _open(multi_volume)
-    try:
-        assert luks2.unlock(volume, fd, b"key 1", max_kdf_memory_kib=1024)[0] == 1
-        assert kdf_calls == [1]
-        with pytest.raises(PolicyError, match="no keyslot within the cap accepts this key"):
-            luks2.unlock(volume, fd, KEY, max_kdf_memory_kib=1024)
-    finally:
-        os.close(fd)
+def test_site_caps_come_from_the_site_configuration():
+    from spank_sif.config import SiteConfig
+    caps = luks2.site_caps(SiteConfig(kdf_max_memory_kib=1, kdf_max_time_cost=2, kdf_max_threads=3,
+                                      kdf_max_pbkdf2_iterations=4))
+    assert caps == luks2.KdfCaps(1, 2, 3, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +150,7 @@ def test_payload_decrypts_to_the_squashfs(workdir, squashfs, sector_size):
     try:
         assert volume.segment.sector_size == sector_size
         assert volume.segment.offset == 16 << 20 and volume.segment.size == len(plain)
-        _, volume_key = luks2.unlock(volume, fd, KEY)
+        volume_key = reftools.volume_key(path, KEY)
         data = luks2.decrypt_sectors(volume, fd, volume_key, 0, volume.segment.sectors)
         assert data[:4] == b"hsqs" and data == plain
         middle = luks2.decrypt_sectors(volume, fd, volume_key, 1, 2)

@@ -1,13 +1,15 @@
 """``spank-sif verify-key`` and ``spank-sif keygen``.
 
-verify-key answers "will the plugin open this image with this key?" in userspace, without root or
-dm-crypt: the same key variables, the same PEM unwrap, the same KDF cap, the keyslot check done by
-``luks2``. keygen makes the RSA pair Apptainer's ``--pem-path`` wants.
+verify-key answers "will the plugin open this image with this key?" without root or dm-crypt, the
+same way the plugin gets there: the same key variables, the same PEM unwrap, the same header
+snapshot loaded by libcryptsetup, the same KDF caps and keyslots (``libcryptsetup.Header``); then
+one decrypted sector says whether the data is a squashfs. keygen makes the RSA pair Apptainer's
+``--pem-path`` wants.
 """
 import argparse
 import os
 
-from spank_sif import keys, luks2, sif
+from spank_sif import keys, libcryptsetup, luks2, sif
 from spank_sif.cli.common import add_config_option, printable, read_key_file, site_config
 from spank_sif.errors import ImageError, KeyMaterialError, UsageError, WrongKeyError
 
@@ -18,8 +20,9 @@ The key comes from --passphrase-file or --pem-path, or else from the environment
 plugin reads, in the site configuration's order (default: APPTAINER_ENCRYPTION_PEM_PATH,
 APPTAINER_ENCRYPTION_PEM_DATA, APPTAINER_ENCRYPTION_PASSPHRASE, then the SINGULARITY_ENCRYPTION_*
 twins). A passphrase is used byte for byte, as Apptainer does: a trailing newline in a passphrase
-file is part of the passphrase (write it with printf, not echo). The site's KDF memory cap
-(kdf_max_memory_kib) applies as in the plugin.
+file is part of the passphrase (write it with printf, not echo). The site's KDF caps
+(kdf_max_memory_kib, kdf_max_time_cost, kdf_max_threads, kdf_max_pbkdf2_iterations) apply as in
+the plugin.
 
 exit codes:
   0   the key opens the image (prints the keyslot), or the image is not encrypted (nothing to unlock)
@@ -27,7 +30,8 @@ exit codes:
   3   unusable image (not SIF, malformed, gocryptfs-encrypted, corrupt LUKS2 header, or the
       decrypted partition is not a squashfs)
   4   unusable key (none given, empty, bad/encrypted/OpenSSH PEM, unreadable key file)
-  5   a keyslot's KDF needs more memory than the site allows
+  5   the image's key derivation costs more than the site allows (memory, passes, threads,
+      PBKDF2 iterations)
   6   invalid site configuration
   64  usage error
 """
@@ -77,11 +81,12 @@ def verify_key(args) -> int:
             print(f"{printable(args.image)}: not encrypted (plain squashfs): nothing to unlock, no key needed")
             return 0
         try:
-            volume = luks2.read_luks2(fd, part.offset, part.size)
+            header = libcryptsetup.Header(fd, part.offset, part.size, luks2.site_caps(config))
         except ImageError as err:  # say where: the LUKS2 layer does not know the image
             raise type(err)(f"{args.image}: encrypted partition (id {part.id}): {err}") from err
-        source = key_source(args, config.key_variables)
-        keyslot = check_key(image, fd, volume, source, config.kdf_max_memory_kib)
+        with header:
+            source = key_source(args, config.key_variables)
+            keyslot = check_key(image, fd, header, source)
     finally:
         os.close(fd)
     print(f"{printable(args.image)}: the key from {printable(source.describe())} opens keyslot {keyslot}")
@@ -102,13 +107,14 @@ def key_source(args, variables) -> keys.KeySource:
     return source
 
 
-def check_key(image, fd: int, volume: luks2.Luks2Volume, source: keys.KeySource, cap: int) -> int:
+def check_key(image, fd: int, header: libcryptsetup.Header, source: keys.KeySource) -> int:
     """The keyslot ``source``'s key opens; WrongKeyError with a hint about the likely mistake."""
     with keys.luks_passphrase(image, fd, source, _read_user_file) as passphrase:
         try:
-            keyslot, volume_key = luks2.unlock(volume, fd, passphrase, cap)
+            keyslot, volume_key = header.unlock(passphrase)
         except WrongKeyError as err:
             raise WrongKeyError(f"{err} ({source.describe()}){_hint(image, source, passphrase)}") from err
+    volume = header.volume
     with volume_key:
         # One sector more says whether the plugin's mount would work: the data must be a squashfs.
         first = luks2.decrypt_sectors(volume, fd, volume_key, 0, 1) if volume.segment.sectors else b""

@@ -116,11 +116,13 @@ def _address_space() -> int:
     raise AssertionError("no VmSize in /proc/self/status")
 
 
-def measured(fn, *args, headroom: int | None = None, timeout: float = 600.0, env: dict | None = None):
+def measured(fn, *args, headroom: int | None = None, timeout: float = 600.0, env: dict | None = None,
+             during=None):
     """Run ``fn(*args)`` in a forked child, as ``in_child`` does, and watch it from outside:
     ``(status, result, seconds, max_rss_kib)``. ``headroom``: the child may map at most this many
     bytes beyond what it inherited (RLIMIT_AS), so an allocation above it fails (ENOMEM) instead of
-    happening. After ``timeout`` seconds the child is killed (status -9, result "timeout")."""
+    happening. ``during(pid)``: what the parent does meanwhile. After ``timeout`` seconds the child
+    is killed (status -9, result "timeout")."""
     import pickle
     import resource
     import signal
@@ -134,6 +136,14 @@ def measured(fn, *args, headroom: int | None = None, timeout: float = 600.0, env
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         _child_run(fn, args, env, write_end)
     os.close(write_end)
+    if during is not None:
+        try:
+            during(pid)
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            raise
     while True:
         done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:

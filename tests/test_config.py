@@ -45,7 +45,11 @@ strip_key_variables: false
 allowed_image_paths: [/project, /apps/images/]
 allow_unencrypted: false
 kdf_max_memory_kib: 65536
+kdf_max_time_cost: 8
+kdf_max_threads: 2
+kdf_max_pbkdf2_iterations: 2000000
 kdf_max_parallel: 2
+kdf_lock_timeout: 60
 state_dir: /run/sif-state
 log_level: debug
 kernel_mount: root-owned
@@ -55,6 +59,8 @@ kernel_mount: root-owned
     assert cfg.allowed_image_paths == ("/project", "/apps/images")
     assert (cfg.strip_key_variables, cfg.allow_unencrypted) == (False, False)
     assert (cfg.kdf_max_memory_kib, cfg.kdf_max_parallel) == (65536, 2)
+    assert (cfg.kdf_max_time_cost, cfg.kdf_max_threads, cfg.kdf_max_pbkdf2_iterations) == (8, 2, 2000000)
+    assert cfg.kdf_lock_timeout == 60
     assert (cfg.state_dir, cfg.log_level, cfg.kernel_mount) == ("/run/sif-state", "debug", "root-owned")
 
 
@@ -69,6 +75,10 @@ BAD = [
     ("kdf_max_memory_kib: 1.5", "'kdf_max_memory_kib' must be a whole number, got float"),
     ("kdf_max_memory_kib: 0", "'kdf_max_memory_kib' must be at least 1"),
     ("kdf_max_parallel: -3", "'kdf_max_parallel' must be at least 1"),
+    ("kdf_max_time_cost: 0", "'kdf_max_time_cost' must be at least 1"),
+    ("kdf_max_threads: four", "'kdf_max_threads' must be a whole number, got str"),
+    ("kdf_max_pbkdf2_iterations: 1e6", "'kdf_max_pbkdf2_iterations' must be a whole number, got str"),
+    ("kdf_lock_timeout: 0", "'kdf_lock_timeout' must be at least 1"),
     ("key_variables: APPTAINER_ENCRYPTION_PASSPHRASE", "'key_variables' must be a list"),
     ("key_variables: []", "'key_variables' must name at least one variable"),
     ("key_variables: [MY_KEY]", "entry 'MY_KEY' must be a variable name ending in"),

@@ -1,6 +1,8 @@
 """``spank-sif verify-key`` and ``spank-sif keygen`` on images laid out the way Apptainer builds them
 (reference builder ``sifref``, LUKS2 payloads encrypted by the real cryptsetup)."""
 import os
+import pwd
+import shutil
 import stat
 import subprocess
 import sys
@@ -248,3 +250,115 @@ def test_right_key_but_no_squashfs_inside_exits_3(capsys, tmp_path):
     image = reftools.sifref_build(tmp_path / "empty.sif", volume)
     code, _, err = verify(capsys, image, "--passphrase-file", _file(tmp_path, "p", PASSPHRASE))
     assert code == 3 and "opens keyslot 0, but the decrypted partition is not a squashfs" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# verify-key answers from libcryptsetup's own view of the header, as the node does.
+
+
+def _partition(image):
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        return sif.read_sif(fd).primary_partition()
+    finally:
+        os.close(fd)
+
+
+def _hostile_copy(images, tmp_path, name, edit):
+    """A copy of the PBKDF2 passphrase image whose LUKS2 header region went through ``edit``."""
+    image = images.get("pbkdf2", 512, "passphrase")
+    part = _partition(image)
+    out = tmp_path / f"{name}.sif"
+    out.write_bytes(image.read_bytes())
+    with open(image, "rb") as f:
+        f.seek(part.offset)
+        region = bytearray(f.read(2 * 16384))
+    luks_cases.patch(out, part.offset, edit(region))
+    return out
+
+
+def test_two_copy_attack_is_refused_as_the_node_refuses_it(images, tmp_path):
+    """The newer primary copy shows the cheap PBKDF2 keyslot and a token libcryptsetup rejects; the
+    copy libcryptsetup uses claims Argon2id at 4 GiB. verify-key used to say "opens keyslot 0";
+    now it refuses before any derivation: in a child that cannot map 1 GiB more, within seconds."""
+    from engine_helpers import measured
+    image = _hostile_copy(images, tmp_path, "attack", luks_cases.hostile_two_copies)
+    keyfile = _file(tmp_path, "p", PASSPHRASE)
+
+    def verify_in_child():
+        import contextlib
+        import io
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["verify-key", str(image), "--passphrase-file", str(keyfile)])
+        return code, err.getvalue()
+
+    status, (code, err), seconds, _ = measured(verify_in_child, headroom=1 << 30, timeout=120)
+    assert (status, code) == (0, 5), err
+    assert "keyslot 0: argon2id, 4194304 KiB" in err and "kdf_max_memory_kib" in err and err.count("\n") == 1
+    assert seconds < 30
+
+
+def test_copies_that_disagree_answer_as_cryptsetup(images, capsys, tmp_path):
+    """The newer primary copy is a decoy (its keyslot claims other KDF parameters, and it carries a
+    token libcryptsetup rejects); the older secondary is the real metadata. cryptsetup opens the
+    image with the right key, and so must verify-key (it used to read the decoy: "wrong key")."""
+    def decoy(region):
+        out = bytearray(region)
+        meta = luks_cases.metadata(out, 0)
+        decoy_meta = luks_cases.with_kdf(meta, "0", {"type": "pbkdf2", "hash": "sha256", "iterations": 1001})
+        luks_cases.set_copy(out, 0, {**decoy_meta, "tokens": luks_cases.REJECTED_TOKENS},
+                            luks_cases.seqid(out, 0) + 3)
+        return out
+
+    image = _hostile_copy(images, tmp_path, "decoy", decoy)
+    volume = tmp_path / "volume.luks"
+    part = _partition(image)
+    with open(image, "rb") as f:
+        f.seek(part.offset)
+        volume.write_bytes(f.read(part.size))
+    keyfile = _file(tmp_path, "p", PASSPHRASE)
+    tested = reftools.run("cryptsetup", "open", "--test-passphrase", "--disable-locks", "--key-file", keyfile,
+                          volume, check=False)
+    assert tested.returncode == 0, tested.stderr  # cryptsetup ignores the decoy...
+    code, out, err = verify(capsys, image, "--passphrase-file", keyfile)
+    assert (code, err) == (0, "") and out.endswith("opens keyslot 0\n")  # ...and so does verify-key
+
+
+def test_an_ordinary_user_runs_verify_key(images, tmp_path):
+    """No root: the image and key are the user's, libcryptsetup runs unprivileged."""
+    from engine_helpers import USER, ensure_users, world_dir
+    ensure_users()
+    d = world_dir("verify-key-user-")
+    try:
+        image = d / "image.sif"
+        image.write_bytes(images.get("argon2id", 4096, "passphrase").read_bytes())
+        keyfile = d / "pass"
+        keyfile.write_bytes(PASSPHRASE)
+        owner = pwd.getpwnam(USER)
+        for path in (image, keyfile):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+            path.chmod(0o600)
+        run = subprocess.run(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups",
+                              sys.executable, "-m", "spank_sif", "verify-key", str(image), "--passphrase-file",
+                              str(keyfile)], capture_output=True, text=True, cwd=reftools.REPO,
+                             env={"PATH": os.environ["PATH"], "SPANK_SIF_CONFIG": "/dev/null"})
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.endswith("opens keyslot 0\n")
+    finally:
+        shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("kdf_max_time_cost: 3", "needs 4 passes, above this site's limit of 3 passes (kdf_max_time_cost)"),
+    ("kdf_max_threads: 1\nkdf_max_memory_kib: 65536", None),
+    ("kdf_max_pbkdf2_iterations: 999", "digest 0 needs"),
+])
+def test_site_time_caps_apply(images, capsys, tmp_path, setting, words):
+    image = images.get("argon2id", 512, "passphrase")  # 8 MiB, 4 passes, 1 thread; digest >= 1000
+    config = _file(tmp_path, "caps.yaml", setting.encode() + b"\n")
+    code, _, err = verify(capsys, image, "--passphrase-file", _file(tmp_path, "p", PASSPHRASE), "--config", config)
+    if words is None:
+        assert code == 0, err
+    else:
+        assert code == 5 and words in err and err.count("\n") == 1, err

@@ -299,6 +299,8 @@ def test_parallel_opens_never_run_more_kdfs_than_allowed(ref, site, tmp_path, wd
     ("pem_key_of_another_pair", "", ""),
     ("pem_for_passphrase_image", "WrongKeyError", "encrypted with a passphrase"),
     ("kdf_above_cap", "PolicyError", "above this site's limit"),
+    ("passes_above_cap", "PolicyError", "needs 4 passes, above this site's limit of 3 passes (kdf_max_time_cost)"),
+    ("digest_above_cap", "PolicyError", "digest 0 needs"),
     ("missing_mount_point", "SystemSetupError", "does not exist"),
 ])
 def test_faults_give_one_line_and_leave_nothing(ref, site, tmp_path, wd, case, error, message):
@@ -321,6 +323,10 @@ def test_faults_give_one_line_and_leave_nothing(ref, site, tmp_path, wd, case, e
         env = _env(ref, "pem")
     elif case == "kdf_above_cap":
         config = config._replace(kdf_max_memory_kib=16384)
+    elif case == "passes_above_cap":
+        config = config._replace(kdf_max_time_cost=3)
+    elif case == "digest_above_cap":
+        config = config._replace(kdf_max_pbkdf2_iterations=999)
     elif case == "missing_mount_point":
         target = tmp_path / "nowhere"
 
@@ -388,15 +394,3 @@ def test_release_with_a_busy_mapping_defers_removal(ref, site, tmp_path):
     while mappings(unlocked.session) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftovers(ref.fast_pass_4k, state) == []
-
-
-def test_binary_fallback_opens_and_says_wrong_key(ref, site, tmp_path, monkeypatch):
-    config, state = site
-    target = tmp_path / "mnt"
-    target.mkdir()
-    monkeypatch.setenv("SPANK_SIF_CRYPTSETUP", "binary")
-    _open_read_close(ref, ref.fast_pem_512, "pem", config, target)
-    status, result = in_child(lambda: lifecycle.unlock(str(ref.fast_pass_512), _user(),
-                                                       {"APPTAINER_ENCRYPTION_PASSPHRASE": "nope"}, "cli", config))
-    assert status == 1 and result.startswith("WrongKeyError"), result
-    assert leftovers(ref.fast_pass_512, state, target) == [] and leftovers(ref.fast_pem_512, state) == []

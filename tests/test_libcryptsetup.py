@@ -293,14 +293,14 @@ TIME_CASES = {
                       r"needs 2147483647 passes, above this site's limit of 16 passes \(kdf_max_time_cost\)"),
     "argon2-passes-read-differently": (  # libcryptsetup reads 2^31 as 2^31 - 1: ambiguous, refused
         "argon2id", lambda m: m["keyslots"]["0"]["kdf"].update(time=2**31),
-        r"ImageError: libcryptsetup would run keyslot 0's key derivation as argon2id, 8192 KiB, 2147483647 "
-        r"passes, 1 threads, its metadata says argon2id, 8192 KiB, 2147483648 passes"),
+        (r"ImageError: libcryptsetup would run keyslot 0's key derivation as argon2id, 8192 KiB, 2147483647 "
+         r"passes, 1 threads, its metadata says argon2id, 8192 KiB, 2147483648 passes")),
     "pbkdf2-keyslot": ("pbkdf2", lambda m: m["keyslots"]["0"]["kdf"].update(iterations=2**31 - 1),
-                       r"needs 2147483647 PBKDF2 iterations, above this site's limit of 32000000 "
-                       r"\(kdf_max_pbkdf2_iterations\)"),
+                       (r"needs 2147483647 PBKDF2 iterations, above this site's limit of 32000000 "
+                        r"\(kdf_max_pbkdf2_iterations\)")),
     "pbkdf2-digest": ("argon2id", lambda m: m["digests"]["0"].update(iterations=2**32 - 1),
-                      r"volume-key digest 0 needs 4294967295 PBKDF2 iterations, above this site's limit of "
-                      r"32000000 \(kdf_max_pbkdf2_iterations\)"),
+                      (r"volume-key digest 0 needs 4294967295 PBKDF2 iterations, above this site's limit of "
+                       r"32000000 \(kdf_max_pbkdf2_iterations\)")),
 }
 
 

@@ -73,8 +73,8 @@ def _volume(workdir, region, change):
 CAP_CASES = [
     # (change to keyslot 0's KDF, caps, the words of the refusal)
     ({"memory": 65536}, luks2.KdfCaps(memory_kib=16384),
-     r"keyslot 0: argon2id, 65536 KiB, 4 passes, 1 threads\) needs 65536 KiB of memory, above this site's "
-     r"limit of 16384 KiB \(kdf_max_memory_kib\): rebuild the image with a smaller --pbkdf-memory"),
+     (r"keyslot 0: argon2id, 65536 KiB, 4 passes, 1 threads\) needs 65536 KiB of memory, above this site's "
+      r"limit of 16384 KiB \(kdf_max_memory_kib\): rebuild the image with a smaller --pbkdf-memory")),
     ({"time": 2**31}, luks2.KdfCaps(time_cost=16),
      r"needs 2147483648 passes, above this site's limit of 16 passes \(kdf_max_time_cost\)"),
     ({"cpus": 16}, luks2.KdfCaps(threads=8), r"needs 16 threads, above this site's limit of 8 \(kdf_max_threads\)"),

@@ -272,14 +272,34 @@ def test_two_copy_attack_is_refused_before_any_derivation(ref_images, work, site
     assert leftovers(image, state) == []
 
 
-def _hold_slots(state: Path, slots: int) -> list:
-    state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fds = []
-    for index in range(slots):
-        fd = os.open(state / f"kdf.{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        fds.append(fd)
-    return fds
+class SlotHolder:
+    """Another process holding every KDF slot of the node (the unlock under test must not inherit
+    the locks, so they are not taken in this process) until ``release()``."""
+
+    def __init__(self, state: Path, slots: int):
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ready_r, ready_w = os.pipe()
+        self._go_r, self._go_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                for index in range(slots):
+                    fd = os.open(state / f"kdf.{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                os.write(ready_w, b"1")
+                os.read(self._go_r, 1)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.close(self._go_r)
+        assert os.read(ready_r, 1) == b"1"
+        os.close(ready_r)
+
+    def release(self) -> None:
+        if self.pid:
+            os.close(self._go_w)
+            os.waitpid(self.pid, 0)
+            self.pid = 0
 
 
 def _waiting_for_the_lock(state: Path, pid: int, timeout: float = 300) -> None:
@@ -328,7 +348,7 @@ def test_the_file_rewritten_while_the_unlock_waits_for_the_lock(ref_images, work
     target = tmp_path / "mnt"
     target.mkdir()
     env = {"APPTAINER_ENCRYPTION_PASSPHRASE": ref_images.pass_file.read_text()}
-    held = _hold_slots(state, config.kdf_max_parallel)
+    holder = SlotHolder(state, config.kdf_max_parallel)
 
     def rewrite_then_release(pid):
         try:
@@ -336,11 +356,13 @@ def test_the_file_rewritten_while_the_unlock_waits_for_the_lock(ref_images, work
             luks_cases.patch(image, part.offset, _expensive(region, 1024 * 1024))
             luks_cases.patch(image, part.offset + material, bytes(256000))
         finally:
-            for fd in held:
-                os.close(fd)
+            holder.release()
 
-    status, result, _, _ = measured(_open_read_release, image, env, config, target, headroom=512 * MIB,
-                                    during=rewrite_then_release, timeout=600)
+    try:
+        status, result, _, _ = measured(_open_read_release, image, env, config, target, headroom=512 * MIB,
+                                        during=rewrite_then_release, timeout=600)
+    finally:
+        holder.release()
     assert status == 0, result
     hello, node_time = result
     assert hello == ref_images.hello
@@ -391,14 +413,13 @@ def test_waiting_for_the_lock_has_a_deadline(ref_images, work, site):
     config = config._replace(kdf_lock_timeout=2)
     image = _world_copy(ref_images.fast_pass_4k, work / "waiting.sif")
     env = {"APPTAINER_ENCRYPTION_PASSPHRASE": ref_images.pass_file.read_text()}
-    held = _hold_slots(state, config.kdf_max_parallel)
+    holder = SlotHolder(state, config.kdf_max_parallel)
     try:
         status, result, seconds, _ = measured(_unlock, image, env, config, timeout=300)
     finally:
-        for fd in held:
-            os.close(fd)
+        holder.release()
     assert status == 1 and "\n" not in result
     assert result.startswith("SystemSetupError: gave up after 2 s waiting for this node's key-derivation slot "
                              "(kdf_max_parallel: 1)"), result
-    assert "kdf_lock_timeout" in result
+    assert "kdf_lock_timeout" in result and 2 <= seconds < 60
     assert leftovers(image, state) == []

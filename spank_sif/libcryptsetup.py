@@ -186,7 +186,10 @@ class Header:
         rc = lib.crypt_dump_json(self._cd, text, 0)
         if rc < 0:
             raise SystemSetupError(f"libcryptsetup cannot show the header it loaded: {os.strerror(-rc)}")
-        metadata = json.loads(ffi.string(text[0]).decode())
+        try:
+            metadata = json.loads(ffi.string(text[0]).decode())
+        except ValueError:  # bytes that are not UTF-8 JSON: no copy spank-sif reads can match them
+            metadata = None
         chosen = [c for c in luks2.header_copies(self._memfd, 0, size) if c[2] == metadata]
         if not chosen:
             raise ImageError("the LUKS2 header copy libcryptsetup uses does not read the same to spank-sif: "

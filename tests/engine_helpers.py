@@ -140,7 +140,7 @@ def measured(fn, *args, headroom: int | None = None, timeout: float = 600.0, env
         try:
             during(pid)
         except BaseException:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)  # still a child (a zombie at worst): nothing reaped it
             os.waitpid(pid, 0)
             os.close(read_end)
             raise

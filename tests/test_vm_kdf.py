@@ -274,12 +274,13 @@ def test_two_copy_attack_is_refused_before_any_derivation(ref_images, work, site
 
 class SlotHolder:
     """Another process holding every KDF slot of the node (the unlock under test must not inherit
-    the locks, so they are not taken in this process) until ``release()``."""
+    the locks, so they are not taken in this process) until ``release()``. Released by a byte on a
+    pipe, not by its end of file: the unlock forked meanwhile holds a copy of the pipe too."""
 
     def __init__(self, state: Path, slots: int):
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready_r, ready_w = os.pipe()
-        self._go_r, self._go_w = os.pipe()
+        go_r, self._go_w = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
             try:
@@ -287,16 +288,17 @@ class SlotHolder:
                     fd = os.open(state / f"kdf.{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 os.write(ready_w, b"1")
-                os.read(self._go_r, 1)
+                os.read(go_r, 1)
             finally:
                 os._exit(0)
         os.close(ready_w)
-        os.close(self._go_r)
+        os.close(go_r)
         assert os.read(ready_r, 1) == b"1"
         os.close(ready_r)
 
     def release(self) -> None:
         if self.pid:
+            os.write(self._go_w, b"1")
             os.close(self._go_w)
             os.waitpid(self.pid, 0)
             self.pid = 0
@@ -306,7 +308,7 @@ def _waiting_for_the_lock(state: Path, pid: int, timeout: float = 300) -> None:
     """Until the unlock in ``pid`` has written its mapping record: the last thing before the lock."""
     deadline = time.monotonic() + timeout
     while not list(state.rglob("*~mapping.json")):
-        if time.monotonic() > deadline or os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline or os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
             raise AssertionError("the unlock never reached the KDF lock")
         time.sleep(0.05)
     time.sleep(0.5)

@@ -1,4 +1,4 @@
-"""Target ``luks2``: ``luks2.read_luks2``, ``luks2.keyslot_order`` and the KDF cap (``luks2.affordable_keyslots``).
+"""Target ``luks2``: ``luks2.read_luks2``, ``luks2.keyslot_order`` and the KDF caps (``luks2.affordable_keyslots``).
 
 Raw bytes would almost all die at the header checksum, so an input describes the volume and the
 harness lays it out, with correct checksums unless asked otherwise:
@@ -10,7 +10,8 @@ harness lays it out, with correct checksums unless asked otherwise:
              at byte 4096 of the file (as a SIF partition does), else at 0
   byte 1     sequence ids: primary in the low nibble, secondary in the high one
   bytes 2-5  volume size in bytes (big-endian); the file is that long (a hole past the headers)
-  byte 6     KDF memory cap for affordable_keyslots: 2 ** (byte % 32) KiB
+  byte 6     KDF caps for affordable_keyslots: 2 ** (byte % 32) KiB of memory, and as many passes,
+             threads and PBKDF2 iterations
   [442 bytes overlaying bytes 6..447 of each binary header (version to padding), if bit 6]
   the rest   the JSON metadata text
 
@@ -119,10 +120,13 @@ def _use(fd: int, offset: int, size: int, cap: int) -> None:
     bound = {k for d in volume.digests if 0 in d.segments for k in d.keyslots}
     check(all(k.id in bound and k.priority != luks2.PRIORITY_IGNORE for k in order), "keyslot order")
     check([k.priority for k in order] == sorted((k.priority for k in order), reverse=True), "priorities")
-    slots = luks2.affordable_keyslots(volume, cap)
-    check(bool(slots) and all(k.kdf.memory_kib <= cap for k in slots), "a keyslot above the KDF cap")
+    caps = luks2.KdfCaps(memory_kib=cap, time_cost=cap, threads=cap, pbkdf2_iterations=cap)
+    slots = luks2.affordable_keyslots(volume, caps)
+    check(bool(slots) and all(max(k.kdf.memory_kib, k.kdf.time, k.kdf.threads, k.kdf.iterations,
+                                  luks2.digest_of(volume, k).iterations) <= cap for k in slots),
+          "a keyslot above the KDF caps")
     check([k.id for k in slots] == [k.id for k in order if k in slots], "affordable keyslots out of order")
-    error = luks2.no_keyslot_opened(volume, cap)  # what a wrong key is told
+    error = luks2.no_keyslot_opened(volume, caps)  # what a wrong key is told
     check(isinstance(error, SifError) and type(error) is not SifError and "\n" not in str(error), "error")
 
 

@@ -138,7 +138,7 @@ class Header:
         self.path = f"/proc/self/fd/{self._memfd}"
         self._copied = 0
         try:
-            os.ftruncate(self._memfd, max(size, 0))
+            self._size(size)
             for start, length in luks2.header_ranges(fd, offset, size):
                 self._copy(fd, offset, start, length, "header")
             self._load()
@@ -152,6 +152,15 @@ class Header:
         except BaseException:
             self.close()
             raise
+
+    def _size(self, size: int) -> None:
+        """The snapshot is as large as the volume, as the file would be (libcryptsetup checks the
+        size against the metadata); all but the copied parts are holes, which take no memory."""
+        try:
+            os.ftruncate(self._memfd, max(size, 0))
+        except OSError as exc:  # a file size limit (ulimit -f) counts holes too
+            raise SystemSetupError(f"cannot make a {size}-byte copy of the image's LUKS2 header in memory: "
+                                   f"{exc.strerror} (is a file size limit set, ulimit -f?)") from exc
 
     def _copy(self, fd: int, offset: int, start: int, length: int, what: str) -> None:
         self._copied += length

@@ -9,7 +9,7 @@ import pytest
 
 import luks_cases
 import reftools
-from engine_helpers import measured
+from engine_helpers import in_child, measured
 from spank_sif import libcryptsetup, luks2
 from spank_sif.errors import PolicyError, UnsupportedImageError, WrongKeyError
 from spank_sif.secret import Secret
@@ -327,3 +327,17 @@ def test_refused_when_no_keyslot_fits_and_wrong_key_names_the_cap(workdir, multi
     with pytest.raises(PolicyError, match=r"keyslot 0: .* needs 32768 KiB of memory, above this site's limit "
                                           r"of 1024 KiB"):
         header(reftools.luks_format(workdir / "one.img", KEY, SIZE), caps)
+
+
+def test_a_file_size_limit_is_one_line(workdir):
+    """The snapshot is a sparse file of the volume's size; a user's ``ulimit -f`` below it is said."""
+    import resource
+    path = reftools.luks_format(workdir / "limited.img", KEY, SIZE)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        header(path)
+
+    status, result = in_child(limited)
+    assert status == 1 and result.startswith("SystemSetupError: cannot make a 20971520-byte copy of the "
+                                             "image's LUKS2 header in memory: File too large"), result

@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 GUEST_SCRIPT = Path(__file__).resolve().parent / "guest.py"
 GUEST_WORK = "/run/spank-sif-vm"  # a tmpfs in the guest: cryptsetup fails on the 9p-shared directories
-DEFAULT_TIMEOUT = 1800
+DEFAULT_TIMEOUT = 2700  # the whole VM run; it shares the CPUs with the host tests
 MEMORY = "4G"  # cryptsetup's default Argon2id takes up to 1 GiB, half the RAM at most
 CPUS = 2
 KERNEL_VARIABLE = "SPANK_SIF_VM_KERNEL"
@@ -86,7 +87,7 @@ def guest_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def run_in_vm(argv: list[str], *, rundir: Path | None = None, rwdirs: tuple[Path, ...] = (),
               timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> VmResult:
+              cwd: Path | None = None, stopping: threading.Event | None = None) -> VmResult:
     """Boot a VM, run ``argv`` in it as root (cwd ``cwd``, environment: the host's basics plus ``env``,
     modules for dm-crypt loaded, ``$SPANK_SIF_VM_WORK`` a tmpfs, ``$TMPDIR`` inside it), and return
     its exit status and output. Raises VmUnavailable when no VM can be started here."""
@@ -120,10 +121,9 @@ def run_in_vm(argv: list[str], *, rundir: Path | None = None, rwdirs: tuple[Path
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, PATH=path), cwd=cwd, start_new_session=True)
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            stop(proc)
+            timed_out = not wait_unless_stopped(proc, timeout, stopping)
+            if timed_out or proc.returncode is None:
+                stop(proc)
         except BaseException:  # Ctrl-C or a pytest timeout: never leave a VM running
             stop(proc)
             raise
@@ -133,6 +133,21 @@ def run_in_vm(argv: list[str], *, rundir: Path | None = None, rwdirs: tuple[Path
         stdout=read(rundir / "guest.stdout"), stderr=read(rundir / "guest.stderr"),
         console=read(rundir / "console.log"), timed_out=timed_out, seconds=time.monotonic() - start,
         rundir=rundir)
+
+
+def wait_unless_stopped(proc: subprocess.Popen, timeout: float, stopping: threading.Event | None) -> bool:
+    """Wait for the VM to end; False when it ran out of time. Returns early, with the VM still running,
+    when ``stopping`` is set (the caller stops it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stopping is not None and stopping.is_set():
+            return True
+        try:
+            proc.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            return True
+        except subprocess.TimeoutExpired:
+            continue
+    return False
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -1,8 +1,9 @@
 """pytest side of the VM harness.
 
 On a machine without dm-crypt, every selected ``@pytest.mark.vm`` test is replaced at collection time by
-a proxy with the same node id. The first proxy to run boots ONE VM which runs all of them with the same
-Python (``pytest <node ids>``); the guest appends one JSON line per report (setup, call, teardown) to
+a proxy with the same node id, and the proxies go after the host tests. Before the first test, ONE VM is
+booted in a background thread and runs all of them with the same Python (``pytest <node ids>``) while
+the host tests run; the guest appends one JSON line per report (setup, call, teardown) to
 results.jsonl, and each proxy then reports what the VM saw: passed (setup, call and teardown passed),
 failed (with the inner report), skipped or xfailed (with the reason), or failed with a one-line reason
 and the end of the VM's output when the VM gave no complete result for it (timeout, crash, an exit
@@ -12,12 +13,13 @@ on a machine with dm-crypt, vm tests run as they are.
 
 Environment: ``SPANK_SIF_VM`` = ``auto`` (default) | ``off`` (skip vm tests unless this machine has
 dm-crypt; failures in strict mode) | ``force`` (use the VM even if this machine has dm-crypt);
-``SPANK_SIF_VM_TIMEOUT`` (seconds for the whole VM run, default 1800). See docs/testing.md.
+``SPANK_SIF_VM_TIMEOUT`` (seconds for the whole VM run, default 2700). See docs/testing.md.
 """
 import json
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,7 @@ MODES = ("auto", "off", "force")
 # the autoloaded hypothesis and pytest-benchmark plugins ~70 s more. The inner run loads only the
 # plugins the tests name (``pytest_plugins`` in conftest.py, ``-p``); hypothesis works without its plugin.
 INNER_ENVIRONMENT = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+RUNNER_KEY = pytest.StashKey["VmRunner"]()
 
 
 def vm_plan(mode: str, inside_vm: bool, missing: str | None) -> str:
@@ -70,8 +73,24 @@ def pytest_collection_modifyitems(session, config, items):
     skip = (f"vm tests disabled by {MODE_VARIABLE}=off (this machine: {missing}); unset it to run them "
             f"in a VM") if plan == "skip" else None
     runner = VmRunner(config, [item.nodeid for item in vm_items], skip)
-    proxies = {id(item): VmProxy.for_item(item, runner) for item in vm_items}
-    items[:] = [proxies.get(id(item), item) for item in items]
+    config.stash[RUNNER_KEY] = runner
+    # The VM runs in the background while the host tests run (most of them wait on Slurm, not on the
+    # CPU), so the proxies go last: by the time they ask, most of the VM's work is done.
+    proxies = [VmProxy.for_item(item, runner) for item in vm_items]
+    items[:] = [item for item in items if not item.get_closest_marker("vm")] + proxies
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    runner = session.config.stash.get(RUNNER_KEY, None)
+    if runner is not None and not session.config.option.collectonly:
+        runner.start()
+
+
+def pytest_unconfigure(config):
+    runner = config.stash.get(RUNNER_KEY, None)
+    if runner is not None:
+        runner.cancel()  # an interrupted session never leaves a VM running
 
 
 @dataclass
@@ -135,42 +154,73 @@ def pytest_runtest_makereport(item, call):
 
 
 class VmRunner:
-    """Runs all vm tests of the session in one VM, the first time a result is asked for."""
+    """Runs all vm tests of the session in one VM, started in the background before the first test
+    (``start``); a proxy asking for its outcome waits for the whole run."""
 
     def __init__(self, config, nodeids: list[str], skip_reason: str | None):
         self.config, self.nodeids, self.skip_reason = config, nodeids, skip_reason
         self.outcomes: dict[str, VmOutcome] | None = None
         self.run_failure: str | None = None  # the guest run failed although every test has a result
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+        self.finished_line = ""
+
+    def start(self) -> None:
+        """Boot the VM in a background thread (once). Called in the main thread: the reference tools
+        are built here first, because host tests use them too."""
+        if self.skip_reason or self.thread is not None:
+            return
+        try:
+            cache = prepare_host_for_fixtures()
+        except Exception as e:  # reported on every proxy: the tests cannot run without the tools
+            self.outcomes = self.fail_all(f"could not build the reference tools before booting: {e}")
+            return
+        rundir = self.config._tmp_path_factory.mktemp("vm")
+        self.say(f"spank-sif: running {len(self.nodeids)} vm test(s) in a VM in the background, while the "
+                 f"host tests run (run directory {rundir})")
+        self.thread = threading.Thread(target=self.run_in_background, args=(rundir, cache), daemon=True,
+                                       name="spank-sif-vm")
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join()
 
     def outcome(self, nodeid: str) -> VmOutcome:
         if self.skip_reason:
             return VmOutcome("skipped", self.skip_reason)
-        if self.outcomes is None:
-            self.outcomes = self.run()
+        self.start()  # a no-op unless no test loop ran before (pytest_runtestloop starts it)
+        if self.thread is not None:
+            self.thread.join()
+            if self.finished_line:
+                self.say(self.finished_line)
+                self.finished_line = ""
+        assert self.outcomes is not None
         return self.outcomes[nodeid]
 
     def fail_all(self, why: str) -> dict[str, VmOutcome]:
         return {nodeid: VmOutcome("failed", why, complete=False) for nodeid in self.nodeids}
 
-    def run(self) -> dict[str, VmOutcome]:
-        rundir = self.config._tmp_path_factory.mktemp("vm")
+    def run_in_background(self, rundir: Path, cache: Path) -> None:
+        try:
+            self.outcomes = self.run(rundir, cache)
+        except BaseException as e:  # never leave the proxies without an answer
+            self.outcomes = self.fail_all(f"the VM run failed on the host: {type(e).__name__}: {e}")
+
+    def run(self, rundir: Path, cache: Path) -> dict[str, VmOutcome]:
         results = rundir / "results.jsonl"
         timeout = float(os.environ.get(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT))
-        try:
-            cache = prepare_host_for_fixtures()
-        except Exception as e:  # reported on every proxy: the tests cannot run without the tools
-            return self.fail_all(f"could not build the reference tools before booting: {e}")
         inifile = ["-c", str(self.config.inipath)] if self.config.inipath else []
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-ra", *inifile, "--rootdir",
                 str(self.config.rootpath), "--junitxml", str(rundir / "vm.xml"), *self.nodeids]
-        self.say(f"spank-sif: running {len(self.nodeids)} vm test(s) in a VM (run directory {rundir})")
         try:
             vm = run_in_vm(argv, rundir=rundir, rwdirs=(cache,), timeout=timeout, cwd=self.config.rootpath,
-                           env={RESULTS_VARIABLE: str(results), **INNER_ENVIRONMENT})
+                           env={RESULTS_VARIABLE: str(results), **INNER_ENVIRONMENT}, stopping=self.stopping)
         except VmUnavailable as e:
             return self.fail_all(f"cannot start the VM: {e} (or set {MODE_VARIABLE}=off)")
         end = GuestEnd.of(vm, timeout)
-        self.say(f"spank-sif: VM run finished in {vm.seconds:.0f} s: {end.why}")
+        self.finished_line = f"spank-sif: VM run finished in {vm.seconds:.0f} s: {end.why}"
         lines = results.read_text(errors="replace").splitlines() if results.exists() else []
         outcomes, run_failure = judge(self.nodeids, lines, end)
         where = f"; run directory {rundir}\n{vm.tail()}"  # the first line stays the one-line reason
@@ -180,6 +230,7 @@ class VmRunner:
                 for nodeid, o in outcomes.items()}
 
     def say(self, line: str) -> None:
+        """A line on the terminal (main thread only: the terminal is the tests' too)."""
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         capture = self.config.pluginmanager.get_plugin("capturemanager")
         if reporter and capture:

@@ -82,6 +82,50 @@ def test_where_vm_tests_run(mode, inside_vm, missing, plan):
     assert vm_plan(mode, inside_vm, missing) == plan
 
 
+class FakeItem:
+    def __init__(self, nodeid):
+        self.nodeid = nodeid
+
+
+@pytest.mark.parametrize("modules, count, groups", [
+    # (module, number of tests), VMs -> the modules each VM runs
+    ([("tests/test_vm_kdf.py", 3), ("tests/test_vm_engine.py", 2), ("tests/test_vm_slurm.py", 2)], 2,
+     [["tests/test_vm_kdf.py"], ["tests/test_vm_engine.py", "tests/test_vm_slurm.py"]]),
+    ([("tests/test_vm_kdf.py", 3), ("tests/test_vm_engine.py", 2)], 1,
+     [["tests/test_vm_kdf.py", "tests/test_vm_engine.py"]]),
+    ([("tests/test_unknown_a.py", 5), ("tests/test_unknown_b.py", 1), ("tests/test_unknown_c.py", 4)], 2,
+     [["tests/test_unknown_a.py"], ["tests/test_unknown_b.py", "tests/test_unknown_c.py"]]),
+    ([("tests/test_vm_harness.py", 2)], 3, [["tests/test_vm_harness.py"], [], []]),
+])
+def test_vm_tests_are_shared_out_by_whole_modules(modules, count, groups):
+    """Whole modules (their fixtures are built once per VM), the costliest first into the least loaded
+    VM (durations.json; unknown modules by their number of tests), collection order kept in each."""
+    from vm.plugin import split_by_module
+    items = [FakeItem(f"{module}::test_{i}") for module, n in modules for i in range(n)]
+    shards = split_by_module(items, count)
+    assert [sorted({item.nodeid.split("::")[0] for item in shard}, key=[m for m, _ in modules].index)
+            for shard in shards] == groups
+    assert sorted((item for shard in shards for item in shard), key=items.index) == items
+    for shard in shards:
+        assert shard == sorted(shard, key=items.index)
+
+
+@pytest.mark.parametrize("value, count", [("1", 1), ("3", 3)])
+def test_the_number_of_vms_can_be_set(monkeypatch, value, count):
+    from vm.plugin import vm_count
+    monkeypatch.setenv("SPANK_SIF_VMS", value)
+    assert vm_count(None) == count
+    assert vm_count("skipped anyway") == 1
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_number_of_vms_is_a_usage_error(monkeypatch, value):
+    from vm.plugin import vm_count
+    monkeypatch.setenv("SPANK_SIF_VMS", value)
+    with pytest.raises(pytest.UsageError, match="SPANK_SIF_VMS"):
+        vm_count(None)
+
+
 # A synthetic suite run by a nested pytest. SPANK_SIF_VM_LAUNCHER=local runs the guest step on this
 # machine instead of in a VM: everything but the boot (proven by the vm tests above) is exercised.
 SYNTHETIC = '''

@@ -1,15 +1,16 @@
 """pytest side of the VM harness.
 
 On a machine without dm-crypt, every selected ``@pytest.mark.vm`` test is replaced at collection time by
-a proxy with the same node id, and the proxies go after the host tests. Before the first test, ONE VM is
-booted in a background thread and runs all of them with the same Python (``pytest <node ids>``) while
-the host tests run; the guest appends one JSON line per report (setup, call, teardown) to
-results.jsonl, and each proxy then reports what the VM saw: passed (setup, call and teardown passed),
-failed (with the inner report), skipped or xfailed (with the reason), or failed with a one-line reason
-and the end of the VM's output when the VM gave no complete result for it (timeout, crash, an exit
-before its teardown was recorded) or when results.jsonl cannot be trusted. A guest run that fails
-outside the tests (an error in a session hook) fails the teardown of the last proxy. Inside the VM, or
-on a machine with dm-crypt, vm tests run as they are.
+a proxy with the same node id, and the proxies go after the host tests. Before the first test, the vm
+tests are shared out by module among a few VMs (``SPANK_SIF_VMS``), each booted in a background thread,
+running its share with the same Python (``pytest <node ids>``) while the host tests run; each guest
+appends one JSON line per report (setup, call, teardown) to its results.jsonl, and each proxy then
+reports what the VM saw: passed (setup, call and teardown passed), failed (with the inner report),
+skipped or xfailed (with the reason), or failed with a one-line reason and the end of the VM's output
+when the VM gave no complete result for it (timeout, crash, an exit before its teardown was recorded) or
+when results.jsonl cannot be trusted. A guest run that fails outside the tests (an error in a session
+hook) fails the teardown of the last proxy. Inside the VM, or on a machine with dm-crypt, vm tests run
+as they are.
 
 Environment: ``SPANK_SIF_VM`` = ``auto`` (default) | ``off`` (skip vm tests unless this machine has
 dm-crypt; failures in strict mode) | ``force`` (use the VM even if this machine has dm-crypt);
@@ -27,7 +28,9 @@ import pytest
 
 from . import fixtures
 from .capability import dmcrypt_missing, in_vm
-from .harness import DEFAULT_TIMEOUT, VmUnavailable, run_in_vm
+from .harness import DEFAULT_TIMEOUT, MEMORY, VmUnavailable, run_in_vm
+
+VM_MEMORY_GIB = int(MEMORY.removesuffix("G"))
 
 MODE_VARIABLE = "SPANK_SIF_VM"
 TIMEOUT_VARIABLE = "SPANK_SIF_VM_TIMEOUT"
@@ -37,7 +40,11 @@ MODES = ("auto", "off", "force")
 # the autoloaded hypothesis and pytest-benchmark plugins ~70 s more. The inner run loads only the
 # plugins the tests name (``pytest_plugins`` in conftest.py, ``-p``); hypothesis works without its plugin.
 INNER_ENVIRONMENT = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-RUNNER_KEY = pytest.StashKey["VmRunner"]()
+RUNNERS_KEY = pytest.StashKey[list]()
+VMS_VARIABLE = "SPANK_SIF_VMS"
+DURATIONS = Path(__file__).resolve().parent / "durations.json"
+DEFAULT_TEST_SECONDS = 20
+MAX_VMS = 4
 
 
 def vm_plan(mode: str, inside_vm: bool, missing: str | None) -> str:
@@ -72,24 +79,54 @@ def pytest_collection_modifyitems(session, config, items):
         return
     skip = (f"vm tests disabled by {MODE_VARIABLE}=off (this machine: {missing}); unset it to run them "
             f"in a VM") if plan == "skip" else None
-    runner = VmRunner(config, [item.nodeid for item in vm_items], skip)
-    config.stash[RUNNER_KEY] = runner
-    # The VM runs in the background while the host tests run (most of them wait on Slurm, not on the
-    # CPU), so the proxies go last: by the time they ask, most of the VM's work is done.
-    proxies = [VmProxy.for_item(item, runner) for item in vm_items]
+    shards = [shard for shard in split_by_module(vm_items, vm_count(skip)) if shard]
+    runners = [VmRunner(config, [item.nodeid for item in shard], skip) for shard in shards]
+    config.stash[RUNNERS_KEY] = runners
+    # The VMs run in the background while the host tests run (most of them wait on Slurm, not on the
+    # CPU), so the proxies go last: by the time they ask, most of the VMs' work is done.
+    proxies = [VmProxy.for_item(item, runner) for shard, runner in zip(shards, runners, strict=True) for item in shard]
     items[:] = [item for item in items if not item.get_closest_marker("vm")] + proxies
+
+
+def vm_count(skip: str | None) -> int:
+    """How many VMs share the vm tests: a guest keeps about one host CPU busy (its tests run one
+    process after another), so one VM per CPU, as memory allows (``SPANK_SIF_VMS`` overrides)."""
+    if skip:
+        return 1
+    value = os.environ.get(VMS_VARIABLE, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise pytest.UsageError(f"{VMS_VARIABLE}={value!r}: give a number of VMs, 1 or more")
+        return int(value)
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
+    return max(1, min(MAX_VMS, os.cpu_count() or 1, memory_gib // (VM_MEMORY_GIB + 1)))
+
+
+def split_by_module(items: list, count: int) -> list[list]:
+    """``count`` groups of whole test modules (module and session fixtures are built once per VM),
+    balanced by each module's cost in ``durations.json`` (seconds measured in the VM; a module not
+    listed counts ``DEFAULT_TEST_SECONDS`` a test). Each group keeps the collection order."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    cost = {m: known.get(m, DEFAULT_TEST_SECONDS * len(tests)) for m, tests in modules.items()}
+    loads, chosen = [0.0] * count, {}
+    for module in sorted(modules, key=lambda m: -cost[m]):  # largest first, into the lightest group
+        group = loads.index(min(loads))
+        chosen[module], loads[group] = group, loads[group] + cost[module]
+    return [[item for m, tests in modules.items() if chosen[m] == g for item in tests] for g in range(count)]
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
-    runner = session.config.stash.get(RUNNER_KEY, None)
-    if runner is not None and not session.config.option.collectonly:
-        runner.start()
+    if not session.config.option.collectonly:
+        for runner in session.config.stash.get(RUNNERS_KEY, []):
+            runner.start()
 
 
 def pytest_unconfigure(config):
-    runner = config.stash.get(RUNNER_KEY, None)
-    if runner is not None:
+    for runner in config.stash.get(RUNNERS_KEY, []):
         runner.cancel()  # an interrupted session never leaves a VM running
 
 
@@ -220,6 +257,7 @@ class VmRunner:
         except VmUnavailable as e:
             return self.fail_all(f"cannot start the VM: {e} (or set {MODE_VARIABLE}=off)")
         end = GuestEnd.of(vm, timeout)
+        write_module_seconds(rundir / "vm.xml", rundir / "durations.json", self.config.rootpath)
         self.finished_line = f"spank-sif: VM run finished in {vm.seconds:.0f} s: {end.why}"
         lines = results.read_text(errors="replace").splitlines() if results.exists() else []
         outcomes, run_failure = judge(self.nodeids, lines, end)
@@ -236,6 +274,25 @@ class VmRunner:
         if reporter and capture:
             with capture.global_and_fixture_disabled():
                 reporter.write_line(line)
+
+
+def write_module_seconds(junit: Path, out: Path, root: Path) -> None:
+    """Seconds each test module took in the VM (from the inner run's JUnit XML), the figures
+    ``durations.json`` is made of."""
+    import xml.etree.ElementTree as ET
+    try:
+        cases = ET.parse(junit).iter("testcase")
+        seconds: dict[str, float] = {}
+        for case in cases:
+            parts = case.get("classname", "").split(".")  # the module's dotted path, then any class
+            module = next((m for i in range(len(parts), 0, -1)
+                           if (root / (m := "/".join(parts[:i]) + ".py")).is_file()), None)
+            if module is None:
+                continue
+            seconds[module] = seconds.get(module, 0.0) + float(case.get("time", 0))
+    except (OSError, ET.ParseError, ValueError):
+        return  # no complete run: nothing to learn from it
+    out.write_text(json.dumps({m: round(t) for m, t in sorted(seconds.items())}, indent=1) + "\n")
 
 
 def prepare_host_for_fixtures() -> Path:

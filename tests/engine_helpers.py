@@ -161,6 +161,13 @@ def measured(fn, *args, headroom: int | None = None, timeout: float = 600.0, env
             usage.ru_maxrss)
 
 
+def attached_loops() -> set[str]:
+    """The loop devices that are attached, as ``losetup`` reports them."""
+    out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME"],
+                         capture_output=True, text=True, check=True)
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+
+
 def loops_backed_by(image: Path) -> list[str]:
     """Loop devices whose backing file is ``image``, as ``losetup`` reports them."""
     out = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
@@ -174,12 +181,20 @@ def loops_backed_by(image: Path) -> list[str]:
     return found
 
 
+def _kernel_has_device_mapper() -> bool:
+    misc = Path("/proc/misc")
+    return misc.exists() and "device-mapper" in misc.read_text().split()
+
+
 def mappings(prefix: str = "spank-sif-") -> list[str]:
     """Device-mapper devices named ``prefix...``, as ``dmsetup ls`` reports them (the system, not
-    the engine under test). Where the kernel has no device-mapper there can be none."""
+    the engine under test). Where the kernel has no device-mapper there can be none; where it has
+    one, dmsetup must answer (a check that cannot ask is no check)."""
     out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True)
     if out.returncode != 0:
-        return []
+        if not _kernel_has_device_mapper():
+            return []
+        raise AssertionError(f"dmsetup ls failed on a kernel with device-mapper: {out.stderr.strip()}")
     return sorted(line.split()[0] for line in out.stdout.splitlines() if line.startswith(prefix))
 
 

@@ -1,13 +1,15 @@
 """Loop devices by ioctl: offset, size limit, read-only, autoclear (loop.py), on the host kernel."""
 import errno
 import hashlib
+import json
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
 
-from engine_helpers import loops_backed_by, world_dir
+from engine_helpers import attached_loops, loops_backed_by, world_dir
 from spank_sif import loop
 
 pytestmark = pytest.mark.root
@@ -30,8 +32,9 @@ def backing():
 
 
 def _gone(path, timeout=5.0):
+    """Whether the loop device at ``path`` gets detached within ``timeout``, as losetup sees it."""
     deadline = time.monotonic() + timeout
-    while loop.status(path) is not None:
+    while path in attached_loops():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -47,6 +50,12 @@ def test_attach_exposes_exactly_the_partition_read_only(backing):
         assert (st.backing_dev, st.backing_ino) == (os.stat(path).st_dev, os.stat(path).st_ino)
         assert st.flags & (loop.LO_FLAGS_READ_ONLY | loop.LO_FLAGS_AUTOCLEAR) == \
             loop.LO_FLAGS_READ_ONLY | loop.LO_FLAGS_AUTOCLEAR
+        # The same, as the system tells it (not only as loop.status reads it).
+        listed = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,OFFSET,SIZELIMIT,RO,AUTOCLEAR,BACK-INO",
+                                 dev.path], capture_output=True, text=True, check=True).stdout
+        (row,) = json.loads(listed)["loopdevices"]
+        assert (int(row["offset"]), int(row["sizelimit"]), row["ro"], row["autoclear"], int(row["back-ino"])) == \
+            (HEAD, BODY, True, True, os.stat(path).st_ino), row
         with open(dev.path, "rb") as f:
             data = f.read()
         assert hashlib.sha256(data).digest() == hashlib.sha256(body).digest()
@@ -82,7 +91,7 @@ def test_detach_if_ours_checks_identity(backing):
     try:
         assert loop.detach_if_ours(dev.path, st.st_dev, st.st_ino, HEAD + 512) is False  # other offset
         assert loop.detach_if_ours(dev.path, st.st_dev, st.st_ino + 1, HEAD) is False   # other file
-        assert loop.status(dev.path) is not None
+        assert dev.path in attached_loops()
         # Ours, but still held by our fd: the kernel only (re)arms autoclear; closing detaches.
         assert loop.detach_if_ours(dev.path, st.st_dev, st.st_ino, HEAD) is True
     finally:

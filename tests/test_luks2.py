@@ -372,11 +372,7 @@ def test_fuzz_metadata(plain_volume, tmp_path_factory, changes):
             if isinstance(node, dict):
                 node[path[-1]] = value
 
-    try:
-        region = luks_cases.mutate_json(region, change)
-    except ValueError:  # json.dumps of NaN-free floats only fails on nothing; keep hypothesis honest
-        return
-    _expect_typed(tmp_path_factory, region)
+    _expect_typed(tmp_path_factory, luks_cases.mutate_json(region, change))
 
 
 def _expect_typed(tmp_path_factory, region):

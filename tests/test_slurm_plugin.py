@@ -15,9 +15,9 @@ import time
 import pytest
 
 from slurm import PREFIX
-from slurm.fixtures import (HELLO, assert_one_error, buggy_python, cluster, kill_step,  # noqa: F401
-                            leftovers, mount_point, plain_images, sif_lines, site_yaml, slurm_cluster,
-                            wait_no_leftovers)
+from slurm.fixtures import (HELLO, assert_one_error, assert_saw_nothing, buggy_python, cluster,  # noqa: F401
+                            kill_step, leftovers, looks_for_the_mount, mount_point, plain_images,
+                            sif_lines, site_yaml, slurm_cluster, wait_no_leftovers)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.root]
 
@@ -148,10 +148,10 @@ def test_other_users_do_not_see_the_mount(cluster, plain_images):
         text=True)
     try:
         assert job.stdout.readline() == HELLO.decode()
-        other = cluster.run(["srun", "--oversubscribe", "sh", "-c",
-                             f'ls -A {mount_point(cluster)}; grep -c squashfs /proc/self/mountinfo'],
+        other = cluster.run(["srun", "--oversubscribe", "sh", "-c", looks_for_the_mount(cluster)],
                             user="sifother")
-        assert other.returncode != 0 or "hello.txt" not in other.stdout, other.stdout
+        assert_saw_nothing(other, "sifother")
+        assert job.poll() is None, "the image's job ended before the other user looked"
         with open("/proc/self/mountinfo") as f:
             assert f" {mount_point(cluster)} " not in f.read()
     finally:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from slurm.fixtures import (assert_one_error, cluster, kill_step, leftovers,  # noqa: F401
-                            mount_point, sif_lines, site_yaml, slurm_cluster, wait_no_leftovers)
+from engine_helpers import mappings
+from slurm.fixtures import (assert_one_error, assert_saw_nothing, cluster, kill_step,  # noqa: F401
+                            leftovers, looks_for_the_mount, mount_point, sif_lines, site_yaml,
+                            slurm_cluster, wait_no_leftovers)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slurm, pytest.mark.root]
 
@@ -65,10 +67,6 @@ def test_srun_encrypted_image(cluster, enc, mode):
     assert wait_no_leftovers(cluster) == []
 
 
-def _mappings() -> list:
-    return sorted(p.name for p in Path("/dev/mapper").glob("spank-sif-*"))
-
-
 def test_four_tasks_cost_one_unlock_and_other_users_see_nothing(cluster, enc):
     job = subprocess.Popen(
         ["srun", "-n", "4", "--overcommit", f"--sif-image={enc['pass']}", "sh", "-c",
@@ -78,12 +76,11 @@ def test_four_tasks_cost_one_unlock_and_other_users_see_nothing(cluster, enc):
     try:
         for _ in range(4):
             assert job.stdout.readline() == enc["hello"]
-        assert len(_mappings()) == 1, _mappings()
-        other = cluster.run(["srun", "--overcommit", "sh", "-c",
-                             f"ls -A {mount_point(cluster)}; cat /proc/self/mountinfo"],
+        assert len(mappings()) == 1, mappings()
+        other = cluster.run(["srun", "--overcommit", "sh", "-c", looks_for_the_mount(cluster)],
                             user="sifother")
-        assert "hello.txt" not in other.stdout, other.stdout
-        assert f" {mount_point(cluster)} " not in other.stdout, other.stdout
+        assert_saw_nothing(other, "sifother")
+        assert job.poll() is None, "the image's job ended before the other user looked"
         with open("/proc/self/mountinfo") as f:
             assert f" {mount_point(cluster)} " not in f.read()
     finally:
@@ -96,7 +93,7 @@ KEY_ERRORS = [
     # image, key environment (callable of enc), site config, words in the one line
     ("pass", lambda e: {"APPTAINER_ENCRYPTION_PASSPHRASE": "not the passphrase"}, "",
      ["no keyslot"]),
-    ("pem", lambda e: {"APPTAINER_ENCRYPTION_PASSPHRASE": e["passphrase"]}, "", []),
+    ("pem", lambda e: {"APPTAINER_ENCRYPTION_PASSPHRASE": e["passphrase"]}, "", ["no keyslot"]),
     ("pass", lambda e: {}, "", ["no key"]),
     ("pem", lambda e: {"APPTAINER_ENCRYPTION_PEM_PATH": str(e["root_pem"])}, "",
      ["cannot read"]),
@@ -143,7 +140,7 @@ def test_killed_slurmstepd_mapping_is_swept_by_the_epilog(cluster, enc):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert job.stdout.readline() == enc["hello"]
-        assert len(_mappings()) == 1
+        assert len(mappings()) == 1, mappings()
         kill_step(cluster)
     finally:
         try:

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 import reftools
+from engine_helpers import mappings
 from slurm import SlurmCluster
 from spank_sif import sif
+from spank_sif.callbacks import INTERNAL_ERROR
 
 HELLO = b"hello from a plain SIF\n"
 
@@ -160,15 +162,36 @@ def sif_lines(stderr: str) -> list[str]:
 
 
 def assert_one_error(result, *words) -> str:
-    """The user saw exactly one 'sif-image:' line naming the cause, and the job failed."""
+    """The user saw exactly one 'sif-image:' line naming the expected cause (every one of
+    ``words``, at least one), and the job failed. The line a crash gives (INTERNAL_ERROR) is never
+    an expected refusal: a bug must not pass for one."""
+    assert words, "name the expected cause: without words any single line would pass"
     lines = sif_lines(result.stderr)
     assert result.returncode != 0, result.stderr
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("sif-image: "), lines[0]
+    assert INTERNAL_ERROR not in lines[0], f"a crash, not a refusal: {lines[0]}"
     for word in words:
         assert word in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout
     return lines[0]
+
+
+def looks_for_the_mount(cluster) -> str:
+    """A task that says who ran it, what the mount point holds and how many mounts there are at
+    it, and exits 0 whatever it finds (grep -c exits 1 on no match)."""
+    target = mount_point(cluster)
+    return (f'echo "looked as $(id -un)"; echo "entries: $(ls -A {target} 2>&1 | tr "\\n" " ")"; '
+            f'echo "mounts: $(grep -c " {target} " /proc/self/mountinfo)"')
+
+
+def assert_saw_nothing(result, user) -> None:
+    """The other user's job ran (exit 0, its own lines printed) and saw no mount and no file: a job
+    that failed to run would otherwise pass for one that saw nothing."""
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:1] == [f"looked as {user}"], result.stdout
+    assert "entries: " in lines and "mounts: 0" in lines, result.stdout
 
 
 def leftovers(cluster) -> list[str]:
@@ -188,7 +211,7 @@ def leftovers(cluster) -> list[str]:
                 found.append(f"mount in the namespace of pid {info.parent.name}")
         except OSError:
             pass
-    found += [f"mapping {p.name}" for p in Path("/dev/mapper").glob("spank-sif-*")]
+    found += [f"mapping {name}" for name in mappings()]  # the kernel's list, whatever /dev shows
     if cluster.state_dir.exists():  # per-job directories (node-wide files, e.g. KDF locks, stay)
         found += [f"state {p.relative_to(cluster.state_dir)}" for p in cluster.state_dir.iterdir()
                   if p.is_dir()]

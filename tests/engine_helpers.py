@@ -79,11 +79,12 @@ def _child_run(fn, args, env, write_end) -> None:
         os._exit(code)
 
 
-def in_children(calls, env: dict | None = None) -> list:
+def in_children(calls, env: dict | None = None, started=None) -> list:
     """Run each ``(fn, *args)`` of ``calls`` at once, each in a forked child (modules already
     imported: cheap under emulation); return ``(status, result)`` per call: status is the exit code,
     or minus the signal that killed the child; result is what ``fn`` returned, or
-    ``"<ErrorClass>: message"`` if it raised."""
+    ``"<ErrorClass>: message"`` if it raised. ``started(pids)`` is called once all are forked (to
+    watch them from outside)."""
     import pickle
     children = []
     for fn, *args in calls:
@@ -94,6 +95,8 @@ def in_children(calls, env: dict | None = None) -> list:
             _child_run(fn, args, env, write_end)
         os.close(write_end)
         children.append((pid, read_end))
+    if started is not None:
+        started([pid for pid, _ in children])
     out = []
     for pid, read_end in children:
         with os.fdopen(read_end, "rb") as inp:

@@ -51,8 +51,9 @@ def test_attach_exposes_exactly_the_partition_read_only(backing):
         assert st.flags & (loop.LO_FLAGS_READ_ONLY | loop.LO_FLAGS_AUTOCLEAR) == \
             loop.LO_FLAGS_READ_ONLY | loop.LO_FLAGS_AUTOCLEAR
         # The same, as the system tells it (not only as loop.status reads it).
-        listed = subprocess.run(["losetup", "--json", "--list", "--output", "NAME,OFFSET,SIZELIMIT,RO,AUTOCLEAR,BACK-INO",
-                                 dev.path], capture_output=True, text=True, check=True).stdout
+        listed = subprocess.run(["losetup", "--json", "--list", "--output",
+                                 "NAME,OFFSET,SIZELIMIT,RO,AUTOCLEAR,BACK-INO", dev.path],
+                                capture_output=True, text=True, check=True).stdout
         (row,) = json.loads(listed)["loopdevices"]
         assert (int(row["offset"]), int(row["sizelimit"]), row["ro"], row["autoclear"], int(row["back-ino"])) == \
             (HEAD, BODY, True, True, os.stat(path).st_ino), row

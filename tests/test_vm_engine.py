@@ -10,6 +10,7 @@ import hashlib
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import replace
@@ -19,7 +20,7 @@ import pytest
 
 from engine_helpers import (OTHER, USER, cli, ensure_users, in_child, in_children, leftovers, mappings,
                             mounted, world_dir, write_config)
-from spank_sif import keys, lifecycle
+from spank_sif import keys, lifecycle, sif
 from spank_sif.config import SiteConfig
 from spank_sif.userfiles import User
 
@@ -135,13 +136,14 @@ EUID_PROBE = '#include <stdio.h>\n#include <unistd.h>\nint main(void){printf("%d
 def _suid_probe_image(ref, wd: Path) -> Path:
     """An encrypted image (Apptainer's layout) whose tree holds ``bin/euid``: a setuid-root program
     that prints its effective uid (busybox drops set-uid privileges by itself for ``id``, so it cannot
-    show whether the mount honours the bit)."""
+    show whether the mount honours the bit), and ``dev/probe-null``: a device node (the null device)."""
     import reftools
     tree = wd / "probe-tree"
     shutil.copytree(ref.rootfs, tree, symlinks=True)
     (wd / "euid.c").write_text(EUID_PROBE)
     subprocess.run(["gcc", "-static", "-O", "-o", tree / "bin" / "euid", wd / "euid.c"], check=True)
     os.chmod(tree / "bin" / "euid", 0o4755)
+    os.mknod(tree / "dev" / "probe-null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     sqfs = reftools.make_squashfs(tree, wd / "probe.sqfs")
     with contextlib.chdir(wd):  # cryptsetup reencrypt writes a temporary header in its cwd
         volume = reftools.luks_encrypt_payload(sqfs, wd / "probe.luks", ref.pass_file.read_bytes())
@@ -150,7 +152,10 @@ def _suid_probe_image(ref, wd: Path) -> Path:
     return image
 
 
-def test_setuid_binary_in_the_image_does_not_run_as_root(ref_images, ref, site, wd):
+def test_setuid_binaries_and_device_nodes_in_the_image_give_no_power(ref_images, ref, site, wd):
+    """nosuid: a setuid-root program in the image runs with the user's uid; nodev: a device node in
+    the image cannot be opened, not even by root. A control mount of the same device without those
+    flags shows both would work otherwise."""
     config, _ = site
     target, control = wd / "mnt", wd / "control"
     target.mkdir(mode=0o755)
@@ -166,11 +171,17 @@ def test_setuid_binary_in_the_image_does_not_run_as_root(ref_images, ref, site, 
         assert (ran.returncode, ran.stdout.strip()) == (0, uid), ran.stderr
         ran = _run_as(USER, target / "bin" / "euid")
         assert (ran.returncode, ran.stdout.strip()) == (0, uid), ran.stderr
-        # Control: the same file system mounted without nosuid does run the probe as root, so the
-        # check above really tests the engine's nosuid flag.
+        node = target / "dev" / "probe-null"
+        assert stat.S_ISCHR(os.stat(node).st_mode) and os.stat(node).st_rdev == os.makedev(1, 3)
+        with pytest.raises(PermissionError):
+            open(node, "rb").close()  # noqa: SIM115 - the open itself is refused
+        # Control: the same file system mounted without nosuid and nodev does run the probe as root
+        # and does open the device, so the checks above really test the engine's flags.
         subprocess.run(["mount", "-t", "squashfs", "-o", "ro", unlocked.device, str(control)], check=True)
         try:
             assert _run_as(USER, control / "bin" / "euid").stdout.strip() == "0"
+            with open(control / "dev" / "probe-null", "rb") as device:
+                assert device.read(16) == b""
         finally:
             subprocess.run(["umount", str(control)], check=True)
     finally:
@@ -236,13 +247,14 @@ def _open_and_hold(ref, image, mode, config, target) -> str:
     return unlocked.session
 
 
-def _parallel(ref, images: list[tuple[Path, str]], config, tmp_path) -> tuple[list, list[Path]]:
+def _parallel(ref, images: list[tuple[Path, str]], config, tmp_path, started=None) -> tuple[list, list[Path]]:
     """Open every (image, mode) at once, each in its own forked child that mounts it at its own
-    target; return ((status, session) per image, targets)."""
+    target; return ((status, session) per image, targets). ``started(pids)``: see in_children."""
     targets = [tmp_path / f"mnt{i}" for i in range(len(images))]
     for t in targets:
         t.mkdir()
-    results = in_children([(_open_and_hold, ref, image, mode, config, t) for (image, mode), t in zip(images, targets)])
+    results = in_children([(_open_and_hold, ref, image, mode, config, t) for (image, mode), t in zip(images, targets)],
+                          started=started)
     return results, targets
 
 
@@ -262,30 +274,84 @@ def test_eight_parallel_opens_of_different_images(ref, site, tmp_path, wd):
         assert leftovers(image, state, t) == []
 
 
-def _max_overlap(log: Path) -> tuple[int, int]:
-    """(number of KDF intervals, most of them running at the same instant) from kdf.log."""
-    events = []
-    for line in log.read_text().splitlines():
-        _, start, end = line.split()
-        events += [(float(start), 1), (float(end), -1)]
-    running = most = 0
-    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):  # ends before starts at equal times
-        running += delta
-        most = max(most, running)
-    return len(events) // 2, most
+def _kdf_memory_kib(image: Path) -> int:
+    """Keyslot 0's Argon2 memory, read from the LUKS2 header's JSON by the tests' own parser."""
+    import luks_cases
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        part = sif.read_sif(fd).primary_partition()
+        region = bytearray(os.pread(fd, 2 * 16384, part.offset))
+    finally:
+        os.close(fd)
+    return int(luks_cases.metadata(region)["keyslots"]["0"]["kdf"]["memory"])
+
+
+class MemoryWatch:
+    """The anonymous resident memory (RssAnon) of some processes, sampled from outside through
+    /proc until stopped: an Argon2 derivation shows as its memory cost, allocated and touched for
+    as long as it runs, then freed. Anonymous memory only, because a forked child refaults its
+    file pages (libraries) as it runs, while its anonymous pages start out as its parent's."""
+
+    def __init__(self, interval: float = 0.003):
+        import threading
+        self.interval, self.sweeps, self.pids = interval, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, pids: list[int]) -> None:
+        self.pids = list(pids)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _rss_anon_kib(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0  # gone, or a zombie (no memory left)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sweeps.append({pid: self._rss_anon_kib(pid) for pid in self.pids})
+            time.sleep(self.interval)
+
+    def deriving(self, memory_kib: int) -> list[set[int]]:
+        """Per sweep, the processes then holding at least half of ``memory_kib`` above the least
+        they were seen holding."""
+        base = {pid: min((s[pid] for s in self.sweeps if s[pid]), default=0) for pid in self.pids}
+        return [{pid for pid, rss in s.items() if rss and rss - base[pid] >= memory_kib // 2}
+                for s in self.sweeps]
 
 
 @pytest.mark.parametrize("allowed, image_name", [(2, "fast"), (1, "default")])
 def test_parallel_opens_never_run_more_kdfs_than_allowed(ref, site, tmp_path, wd, allowed, image_name):
+    """Eight steps unlock copies of one image at once under kdf_max_parallel: watched from outside
+    (each process's memory, sampled while they run), never more derivations hold their memory at
+    the same time than allowed, and each of the eight was seen deriving (the watch is fine enough
+    to see them)."""
     config, state = site
     config = config._replace(kdf_max_parallel=allowed)
     image = ref.fast_pass_4k if image_name == "fast" else ref.enc_pass
+    memory = _kdf_memory_kib(image)
     images = [(c, "pass") for c in _copies(image, wd, 8)]
-    results, targets = _parallel(ref, images, config, tmp_path)
+    watch = MemoryWatch()
+    try:
+        results, targets = _parallel(ref, images, config, tmp_path, started=watch.start)
+    finally:
+        watch.stop()
     try:
         assert [status for status, _ in results] == [0] * 8, results
-        count, most = _max_overlap(state / "kdf.log")
-        assert count == 8 and 1 <= most <= allowed, (count, most)
+        deriving = watch.deriving(memory)
+        seen = set().union(*deriving)
+        most = max(len(d) for d in deriving)
+        assert (len(seen), most <= allowed) == (8, True), (len(watch.sweeps), len(seen), most)
     finally:
         lifecycle.sweep_job("4800", config)
     for (image, _), t in zip(images, targets):

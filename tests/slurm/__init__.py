@@ -47,6 +47,8 @@ SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 PlugStackConfig={root}/etc/plugstack.conf
+Prolog={root}/etc/prolog
+Epilog={root}/etc/epilog
 ReturnToService=2
 KillWait=2
 MinJobAge=2
@@ -54,6 +56,14 @@ InactiveLimit=0
 SlurmdTimeout=30
 NodeName={host} CPUs={cpus} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+"""
+
+# The job's prolog and epilog keep what Slurm hands them (the job-control environment, SPANK_*
+# variables included) where the tests look: log/<prolog|epilog>-env.<job id>.
+JOB_SCRIPT = """#!/bin/sh
+umask 077
+env > {root}/log/{name}-env.$SLURM_JOB_ID
+exit 0
 """
 
 # Pure cgroup v2 (the VM) needs the v2 plugin without systemd; a hybrid host (v1 controllers,
@@ -147,6 +157,10 @@ class SlurmCluster:
         self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root, cpus=os.cpu_count(),
                                                ctld_port=self.ports[0], slurmd_port=self.ports[1]))
         (self.root / "etc" / "cgroup.conf").write_text(CGROUP_CONF)
+        for name in ("prolog", "epilog"):
+            script = self.root / "etc" / name
+            script.write_text(JOB_SCRIPT.format(root=self.root, name=name))
+            os.chmod(script, 0o755)
         self.write_site_config("")
         self.set_plugin(True)
 

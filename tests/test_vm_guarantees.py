@@ -1,0 +1,221 @@
+"""Guarantees of docs/security-model.md that need dm-crypt (the VM harness), each checked from
+outside the engine (the kernel, /proc, the files) so that it fails if the protection it names is
+removed (docs/testing.md records which removal each one caught). Cheap-KDF reference images."""
+import base64
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import USER, ensure_users, in_child, leftovers, mappings, world_dir
+from spank_sif import keys, lifecycle, log
+from spank_sif.config import SiteConfig
+from spank_sif.userfiles import User
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def images(ref_images):
+    """World-readable copies of the cheap-KDF images and the PEM private key (the job's user must be
+    able to open them), and the passphrase and raw PEM-mode key as the test knows them."""
+    ensure_users()
+    d = world_dir("sif-vm-guarantees-")
+    copies = {}
+    for name, source in (("pass", ref_images.fast_pass_4k), ("pem", ref_images.fast_pem_4k),
+                         ("key.pem", ref_images.pem_private)):
+        copies[name] = d / source.name
+        shutil.copyfile(source, copies[name])
+        copies[name].chmod(0o644)
+    copies["passphrase"] = ref_images.pass_file.read_text()
+    copies["raw_key"] = ref_images.pem_key.read_bytes()
+    yield copies
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def site(tmp_path):
+    state = tmp_path / "state"
+    config = SiteConfig(state_dir=str(state))
+    yield config, state
+    for job in ["cli", *(p.name for p in state.iterdir() if p.is_dir())] if state.exists() else ["cli"]:
+        lifecycle.sweep_job(job, config)
+
+
+def _user() -> User:
+    return User.from_name(USER)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------ guarantee 1: read-only mapping
+
+@pytest.mark.parametrize("activation", ["library", "binary"])
+def test_the_mapping_is_read_only(images, site, monkeypatch, activation):
+    """The kernel holds the dm-crypt device read-only (blockdev, dmsetup) and refuses a write to it,
+    even root's; the image file is unchanged. Both ways of activating: libcryptsetup in process,
+    and the cryptsetup program (the fallback when the library is missing)."""
+    config, state = site
+    if activation == "binary":
+        monkeypatch.setenv("SPANK_SIF_CRYPTSETUP", "binary")
+    image = images["pass"]
+    before = _sha256(image)
+    unlocked = lifecycle.unlock(str(image), _user(), {"APPTAINER_ENCRYPTION_PASSPHRASE": images["passphrase"]},
+                                "cli", config)
+    try:
+        assert mappings() == [unlocked.session]
+        getro = subprocess.run(["blockdev", "--getro", unlocked.device], capture_output=True, text=True, check=True)
+        assert getro.stdout.strip() == "1"
+        info = subprocess.run(["dmsetup", "info", unlocked.session], capture_output=True, text=True, check=True)
+        assert "ACTIVE (READ-ONLY)" in info.stdout, info.stdout
+        with pytest.raises(OSError) as refused:
+            fd = os.open(unlocked.device, os.O_WRONLY | os.O_DIRECT)
+            try:
+                os.write(fd, bytes(4096))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        assert refused.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM), refused.value
+    finally:
+        lifecycle.release(unlocked, config)
+    assert _sha256(image) == before
+    assert leftovers(image, state) == []
+
+
+# ------------------------------------------------------------------ guarantee 9: lost records
+
+def test_a_mapping_whose_records_were_lost_is_swept_by_the_job_epilog(images, site):
+    """The records of a step are gone (a state directory wiped while the job ran): the job epilog's
+    sweep still finds the job's mapping by its name and removes it, and the loop device under it
+    goes with it, as the kernel and losetup tell."""
+    config, state = site
+    image = images["pass"]
+    unlocked = lifecycle.unlock(str(image), _user(), {"APPTAINER_ENCRYPTION_PASSPHRASE": images["passphrase"]},
+                                "4950.0", config)
+    shutil.rmtree(state / "4950")
+    assert mappings() == [unlocked.session]
+    lifecycle.sweep_job("4950", config)  # what the job epilog runs (callbacks.job_epilog, spank-sif epilog)
+    assert mappings() == []
+    assert leftovers(image, state) == []
+
+
+# ------------------------------------------------------------------ guarantee 8: the unwrapped key
+
+class ProcessWatch:
+    """Every process's argv and environment, read from /proc again and again until stopped: which
+    ones ran ``program`` (with what argv) and which held any of ``secrets``."""
+
+    def __init__(self, program: str, secrets: list[bytes]):
+        self.program, self.secrets = program, secrets
+        self.runs: set[tuple[str, ...]] = set()
+        self.hits: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _look(self, pid: str) -> None:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return  # gone meanwhile
+        argv = cmdline.split(b"\0")
+        if argv and os.path.basename(argv[0]).decode(errors="replace") == self.program:
+            self.runs.add(tuple(a.decode(errors="replace") for a in argv if a))
+        for what, data in (("argv", cmdline), ("environment", environ)):
+            if any(secret in data for secret in self.secrets):
+                self.hits.append(f"pid {pid} {what}: {cmdline!r}")
+
+    def _run(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit() and pid != me:
+                    self._look(pid)
+            time.sleep(0.002)
+
+
+def test_the_unwrapped_pem_key_is_in_no_argv_log_or_record(images, site, monkeypatch):
+    """PEM mode through the cryptsetup program (the fallback): the 64-byte key unwrapped from the
+    image, raw or in hex or base64, is in no process's argv or environment while the program runs
+    (it gets the key on stdin), in none of the engine's log lines at the debug level, and in no
+    state record while the image is open."""
+    config, state = site
+    monkeypatch.setenv("SPANK_SIF_CRYPTSETUP", "binary")
+    key = images["raw_key"]
+    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key)]
+    said: list[str] = []
+    log.configure(lambda level, message: said.append(message), "debug")
+    try:
+        with ProcessWatch("cryptsetup", forms) as watch:
+            unlocked = lifecycle.unlock(str(images["pem"]), _user(),
+                                        {"APPTAINER_ENCRYPTION_PEM_PATH": str(images["key.pem"])}, "4951.0", config)
+            try:
+                records = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
+            finally:
+                lifecycle.release(unlocked, config)
+    finally:
+        log.configure(None)
+    opened = [argv for argv in watch.runs if "open" in argv]
+    assert opened and all("--key-file" in argv and "-" in argv for argv in opened), watch.runs  # seen, key on stdin
+    assert watch.hits == []
+    assert any(p.name.endswith("~mapping.json") for p in records), records  # looked while it was open
+    assert [p for p, data in records.items() if any(form in data for form in forms)] == []
+    assert any("keyslot" in line for line in said), said  # the engine did log its steps
+    assert [line for line in said if any(form.decode("latin-1") in line for form in forms)] == []
+    assert leftovers(images["pem"], state) == []
+
+
+# ------------------------------------------------------------------ guarantee 6: PEM file size cap
+
+def _padded(pem: bytes, size: int) -> bytes:
+    """``pem`` after a comment line (text before a PEM block is ignored by its readers) making
+    ``size`` bytes in all."""
+    return b"#" * (size - len(pem) - 1) + b"\n" + pem
+
+
+def test_a_pem_key_file_above_the_size_cap_is_refused(images, site, wd):
+    """A working key padded to one byte more than keys.MAX_PEM_FILE: refused as too large, in one
+    line, before anything is mapped; padded to exactly the cap, the same key still loads (so the
+    refusal is the cap's, not the padding's)."""
+    config, state = site
+    pem = images["key.pem"].read_bytes()
+    at_cap, above = wd / "at-cap.pem", wd / "above-cap.pem"
+    at_cap.write_bytes(_padded(pem, keys.MAX_PEM_FILE))
+    above.write_bytes(_padded(pem, keys.MAX_PEM_FILE + 1))
+    for path in (at_cap, above):
+        path.chmod(0o644)
+    assert (at_cap.stat().st_size, above.stat().st_size) == (keys.MAX_PEM_FILE, keys.MAX_PEM_FILE + 1)
+    assert keys.load_private_key(at_cap.read_bytes(), "at-cap").key_size == 2048
+
+    def attempt():
+        lifecycle.release(lifecycle.unlock(str(images["pem"]), _user(), {"APPTAINER_ENCRYPTION_PEM_PATH": str(above)},
+                                           "cli", config), config)
+        return "opened"
+
+    status, result = in_child(attempt)
+    assert (status, "\n" in result) == (1, False), result
+    assert result.startswith("KeyMaterialError: ") and f"larger than {keys.MAX_PEM_FILE} bytes" in result, result
+    assert leftovers(images["pem"], state) == []
+
+
+@pytest.fixture
+def wd():
+    path = world_dir("sif-vm-guarantees-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -221,3 +221,9 @@ def leftovers(image: Path, state_dir: Path, target: Path | None = None, settle: 
         left += [f"record {p.relative_to(state_dir)}" for p in state_dir.rglob("*.json")]
         left += [f"job dir {p.name}" for p in state_dir.iterdir() if p.is_dir()]
     return left
+
+
+def pem_padded(pem: bytes, size: int) -> bytes:
+    """``pem`` after one comment line making ``size`` bytes in all: text before a PEM block is
+    ignored by its readers, so the key still works (for the PEM file size cap's tests)."""
+    return b"#" * (size - len(pem) - 1) + b"\n" + pem

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_helpers import USER, ensure_users, in_child, leftovers, mappings, world_dir
+from engine_helpers import USER, ensure_users, in_child, leftovers, mappings, pem_padded, world_dir
 from spank_sif import keys, lifecycle, log
 from spank_sif.config import SiteConfig
 from spank_sif.userfiles import User
@@ -183,21 +183,16 @@ def test_the_unwrapped_pem_key_is_in_no_argv_log_or_record(images, site, monkeyp
 
 # ------------------------------------------------------------------ guarantee 6: PEM file size cap
 
-def _padded(pem: bytes, size: int) -> bytes:
-    """``pem`` after a comment line (text before a PEM block is ignored by its readers) making
-    ``size`` bytes in all."""
-    return b"#" * (size - len(pem) - 1) + b"\n" + pem
-
-
 def test_a_pem_key_file_above_the_size_cap_is_refused(images, site, wd):
-    """A working key padded to one byte more than keys.MAX_PEM_FILE: refused as too large, in one
-    line, before anything is mapped; padded to exactly the cap, the same key still loads (so the
-    refusal is the cap's, not the padding's)."""
+    """The engine's path (the file read as the user): a working key padded to one byte more than
+    keys.MAX_PEM_FILE is refused as too large, in one line, before anything is mapped; padded to
+    exactly the cap, the same key still loads (so the refusal is the cap's, not the padding's).
+    verify-key's path: tests/test_guarantees.py."""
     config, state = site
     pem = images["key.pem"].read_bytes()
     at_cap, above = wd / "at-cap.pem", wd / "above-cap.pem"
-    at_cap.write_bytes(_padded(pem, keys.MAX_PEM_FILE))
-    above.write_bytes(_padded(pem, keys.MAX_PEM_FILE + 1))
+    at_cap.write_bytes(pem_padded(pem, keys.MAX_PEM_FILE))
+    above.write_bytes(pem_padded(pem, keys.MAX_PEM_FILE + 1))
     for path in (at_cap, above):
         path.chmod(0o644)
     assert (at_cap.stat().st_size, above.stat().st_size) == (keys.MAX_PEM_FILE, keys.MAX_PEM_FILE + 1)
@@ -210,7 +205,10 @@ def test_a_pem_key_file_above_the_size_cap_is_refused(images, site, wd):
 
     status, result = in_child(attempt)
     assert (status, "\n" in result) == (1, False), result
-    assert result.startswith("KeyMaterialError: ") and f"larger than {keys.MAX_PEM_FILE} bytes" in result, result
+    # Refused for its size, whichever layer says it (userfiles.read_as_user reads at most the cap,
+    # keys.read_pem checks it again): the file and the reason named.
+    assert result.startswith("KeyMaterialError: ") and str(above) in result, result
+    assert f"larger than {keys.MAX_PEM_FILE} bytes" in result or "too big for a key file" in result, result
     assert leftovers(images["pem"], state) == []
 
 

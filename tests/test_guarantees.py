@@ -1,17 +1,19 @@
-"""Guarantees of docs/security-model.md checked on the host kernel (loop + squashfs, no dm-crypt):
-each test fails if the protection it names is removed (docs/testing.md records which removal each
-one caught)."""
+"""Guarantees of docs/security-model.md checked on the host (loop + squashfs, no dm-crypt): each
+test fails if the protection it names is removed (docs/testing.md records which removal each one
+caught)."""
+import contextlib
 import os
 import shutil
 import subprocess
 
 import pytest
 
-from engine_helpers import USER, ensure_users, leftovers, plain_image, world_dir
-from spank_sif import lifecycle, userfiles
+import luks_cases
+import reftools
+from engine_helpers import USER, ensure_users, leftovers, pem_padded, plain_image, world_dir
+from spank_sif import keys, lifecycle, userfiles
+from spank_sif.cli import main
 from spank_sif.config import SiteConfig
-
-pytestmark = pytest.mark.root
 
 
 @pytest.fixture
@@ -36,6 +38,7 @@ def _loop_backing_inodes(image_dir) -> dict[str, int]:
     return found
 
 
+@pytest.mark.root
 def test_swapping_the_image_path_for_a_symlink_after_the_open_changes_nothing(wd, tmp_path, monkeypatch):
     """Guarantee 4. The user's image is opened as the user; right after that open, the user swaps
     the path for a symlink to a file only root may read. Everything root does next works on the
@@ -68,3 +71,31 @@ def test_swapping_the_image_path_for_a_symlink_after_the_open_changes_nothing(wd
     finally:
         lifecycle.release(unlocked, config)
     assert leftovers(moved, tmp_path / "state", target) == [] and leftovers(secret, tmp_path / "state") == []
+
+
+def test_verify_key_refuses_a_pem_file_above_the_size_cap(tmp_path, monkeypatch, capsys):
+    """Guarantee 6, verify-key's path (keys.read_pem; the engine's: tests/test_vm_guarantees.py). A
+    working key padded to exactly keys.MAX_PEM_FILE bytes verifies; one byte more is refused in one
+    line naming the file and its size (exit 4, a key-material error)."""
+    for name in keys.DEFAULT_KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "defaults.yaml").write_bytes(b"")
+    monkeypatch.setenv("SPANK_SIF_CONFIG", str(tmp_path / "defaults.yaml"))
+    _, sifref = reftools.reftools()
+    private, public, luks_key = tmp_path / "key.pem", tmp_path / "key.pub", tmp_path / "luks.key"
+    reftools.run(sifref, "genkey", "-priv", private, "-pub", public, "-bits", 2048)
+    reftools.run(sifref, "randkey", "-o", luks_key)
+    squashfs = reftools.make_squashfs(tmp_path / "tree", tmp_path / "root.sqfs", {"hello.txt": b"hello\n"})
+    with contextlib.chdir(tmp_path):  # cryptsetup reencrypt writes a temporary header in its cwd
+        volume = reftools.luks_encrypt_payload(squashfs, tmp_path / "volume.luks", luks_key.read_bytes(),
+                                               *luks_cases.KDFS["pbkdf2"], fast=False)
+    image = reftools.sifref_build(tmp_path / "pem.sif", volume, pem_pub=public, key=luks_key)
+    at_cap, above = tmp_path / "at-cap.pem", tmp_path / "above-cap.pem"
+    at_cap.write_bytes(pem_padded(private.read_bytes(), keys.MAX_PEM_FILE))
+    above.write_bytes(pem_padded(private.read_bytes(), keys.MAX_PEM_FILE + 1))
+    assert main(["verify-key", str(image), "--pem-path", str(at_cap)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["verify-key", str(image), "--pem-path", str(above)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("spank-sif: ") and err.count("\n") == 1, err
+    assert str(above) in err and f"{keys.MAX_PEM_FILE + 1} bytes is too big for a key file" in err, err

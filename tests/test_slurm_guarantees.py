@@ -147,8 +147,8 @@ def _major_minor(number: int) -> str:
 def test_a_plugin_built_for_another_slurm_is_refused_with_a_clear_line(cluster, plain_images, tmp_path):
     """README: the plugin is built against the installed Slurm and refuses other major.minor
     versions. Built from this checkout against headers that say the next minor release and loaded
-    as the site's required plugin: srun names the file and the version in a clear line and no
-    task runs, with or without an image."""
+    as the site's required plugin: no task runs, with or without an image, and srun says why in a
+    clear line naming the versions (Slurm's loader's, or the shim's own)."""
     include = tmp_path / "include"
     installed, other = _headers_of_another_minor(include)
     python = f"{PREFIX}/bin/python3"
@@ -170,9 +170,13 @@ def test_a_plugin_built_for_another_slurm_is_refused_with_a_clear_line(cluster, 
                      ["srun", "echo", "task ran"]):
             out = cluster.run(argv)
             assert out.returncode != 0 and "task ran" not in out.stdout, out.stdout + out.stderr
-            said = [line for line in out.stderr.splitlines() if "Incompatible" in line]
-            assert said[:1] == [(f"srun: plugin_load_from_file: Incompatible Slurm plugin {loaded} version "
-                                 f"({other}.{int(built_for) & 0xff})")], out.stderr
+            # Slurm's loader refuses it first (SPANK_PLUGIN puts the headers' version in the plugin);
+            # the shim's own check (its init callback) says the same, with what to do, if it loads.
+            slurms = (f"srun: plugin_load_from_file: Incompatible Slurm plugin {loaded} version "
+                      f"({other}.{int(built_for) & 0xff})")
+            shims = f"srun: error: sif-image: plugin built for Slurm {other} but this is Slurm {installed}."
+            lines = out.stderr.splitlines()
+            assert slurms in lines or any(line.startswith(shims) for line in lines), out.stderr
     finally:
         cluster.set_plugin(True)
     assert cluster.run(["srun", "echo", "task ran"]).stdout == "task ran\n"  # the real plugin loads again

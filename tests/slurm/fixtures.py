@@ -20,7 +20,7 @@ import reftools
 from engine_helpers import mappings
 from slurm import SlurmCluster
 from spank_sif import sif
-from spank_sif.callbacks import INTERNAL_ERROR
+from spank_sif.callbacks import INTERNAL_ERROR, INTERNAL_ERROR_SUBMIT
 
 HELLO = b"hello from a plain SIF\n"
 
@@ -163,14 +163,15 @@ def sif_lines(stderr: str) -> list[str]:
 
 def assert_one_error(result, *words) -> str:
     """The user saw exactly one 'sif-image:' line naming the expected cause (every one of
-    ``words``, at least one), and the job failed. The line a crash gives (INTERNAL_ERROR) is never
-    an expected refusal: a bug must not pass for one."""
+    ``words``, at least one), and the job failed. The line a crash gives (INTERNAL_ERROR on a node,
+    INTERNAL_ERROR_SUBMIT in srun/sbatch) is never an expected refusal: a bug must not pass for one."""
     assert words, "name the expected cause: without words any single line would pass"
     lines = sif_lines(result.stderr)
     assert result.returncode != 0, result.stderr
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("sif-image: "), lines[0]
-    assert INTERNAL_ERROR not in lines[0], f"a crash, not a refusal: {lines[0]}"
+    assert not any(crash in lines[0] for crash in (INTERNAL_ERROR, INTERNAL_ERROR_SUBMIT)), \
+        f"a crash, not a refusal: {lines[0]}"
     for word in words:
         assert word in lines[0], lines[0]
     assert "Traceback" not in result.stderr + result.stdout

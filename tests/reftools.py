@@ -113,10 +113,16 @@ def volume_key(volume: Path, key: bytes) -> bytes:
 
 def sifref_build(out: Path, part: Path, fs: str = "encrypted", deffile: Path | None = None,
                  pem_pub: Path | None = None, key: Path | None = None, json: dict[str, Path] | None = None,
-                 parttype: int = 2, arch: str = "amd64") -> Path:
-    """An image laid out the way Apptainer's builder lays out (encrypted) images, by the reference library."""
+                 parttype: int = 2, arch: str = "amd64", image_id: str | None = None,
+                 created_at: int | None = None) -> Path:
+    """An image laid out the way Apptainer's builder lays out (encrypted) images, by the reference library.
+    ``image_id`` and ``created_at`` (Unix seconds) fix what would otherwise differ from build to build."""
     _, sifref = reftools()
     argv = [sifref, "build", "-o", out, "-part", part, "-fs", fs, "-parttype", str(parttype), "-arch", arch]
+    if image_id:
+        argv += ["-id", image_id]
+    if created_at is not None:
+        argv += ["-time", str(created_at)]
     if deffile:
         argv += ["-deffile", deffile]
     for name, path in (json or {}).items():

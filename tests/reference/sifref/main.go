@@ -5,6 +5,7 @@
 //
 //	sifref build -o IMAGE -part PAYLOAD [-fs squashfs|encrypted|ext3|raw] [-parttype N]
 //	             [-arch NAME] [-deffile FILE] [-json NAME=FILE]... [-pem-pub PUBLIC -key KEYFILE]
+//	             [-id UUID] [-time UNIXSECONDS]
 //	sifref genkey -priv PRIVATE -pub PUBLIC [-bits N]
 //	sifref randkey -o FILE [-n BYTES]
 //
@@ -16,6 +17,9 @@
 //     given, aligned to 4 KiB (the library's default for partitions);
 //   - with -pem-pub: a crypto message (format PEM, message type RSA-OAEP) linked to the partition,
 //     holding the content of KEYFILE wrapped for the public key (see wrapKey).
+//
+// -id and -time fix the image ID and the time of the image and its objects (otherwise a random ID
+// and now), so that the same inputs make the same image wherever it is built.
 package main
 
 import (
@@ -33,6 +37,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/sylabs/sif/v2/pkg/sif"
 )
@@ -83,6 +88,8 @@ func build(args []string) error {
 	deffile := flags.String("deffile", "", "a definition file to store")
 	publicKey := flags.String("pem-pub", "", "PKCS#1 RSA public key to wrap -key for")
 	keyFile := flags.String("key", "", "the raw key to wrap (the LUKS passphrase of a PEM image)")
+	imageID := flags.String("id", "", "the image ID (a UUID; default: a random one)")
+	unixTime := flags.Int64("time", -1, "the time of the image and its objects, in Unix seconds (default: now)")
 	jsons := jsonFlags{}
 	flags.Var(jsons, "json", "NAME=FILE: a generic JSON object (repeatable)")
 	flags.Parse(args)
@@ -146,8 +153,14 @@ func build(args []string) error {
 		}
 	}
 
-	image, err := sif.CreateContainerAtPath(*out,
-		sif.OptCreateWithLaunchScript(launchScript), sif.OptCreateWithDescriptors(inputs...))
+	opts := []sif.CreateOpt{sif.OptCreateWithLaunchScript(launchScript), sif.OptCreateWithDescriptors(inputs...)}
+	if *imageID != "" {
+		opts = append(opts, sif.OptCreateWithID(*imageID))
+	}
+	if *unixTime >= 0 {
+		opts = append(opts, sif.OptCreateWithTime(time.Unix(*unixTime, 0)))
+	}
+	image, err := sif.CreateContainerAtPath(*out, opts...)
 	if err != nil {
 		return err
 	}

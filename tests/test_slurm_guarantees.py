@@ -157,7 +157,11 @@ def test_a_plugin_built_for_another_slurm_is_refused_with_a_clear_line(cluster, 
                            env=dict(os.environ, CFLAGS=f"-I{include}", SPANK_SIF_PYTHON=python), check=False)
     assert build.returncode == 0, build.stderr
     (plugin,) = (tmp_path / "lib" / "spank_sif").glob("_plugin*.so")
-    ask = "import ctypes, sys; print(ctypes.CDLL(sys.argv[1]).shim_slurm_version())"
+    # The object exports only what Slurm and Python look up: ask it through its Python module.
+    ask = ("import importlib.util, sys; "
+           "spec = importlib.util.spec_from_file_location('spank_sif._plugin', sys.argv[1]); "
+           "plugin = importlib.util.module_from_spec(spec); spec.loader.exec_module(plugin); "
+           "print(plugin.lib.shim_slurm_version())")
     built_for = subprocess.run([python, "-c", ask, str(plugin)], capture_output=True, text=True, check=True).stdout
     assert _major_minor(int(built_for)) == other != installed
     loaded = cluster.root / "other-minor-plugin.so"  # every user can reach it (the cluster root is 0755)

@@ -207,6 +207,8 @@ def test_kdf_above_the_cap_is_refused_before_any_kdf(site, tmp_path):
                env={"APPTAINER_ENCRYPTION_PASSPHRASE": "pass"})
     assert proc.returncode == 5, proc.stderr
     assert "needs 32768 KiB of memory, above this site's limit of 16384 KiB" in proc.stderr
+    # Refused before the node's KDF lock was even looked at (its slot files live in the state directory).
+    assert sorted(p.name for p in site["state"].rglob("kdf*")) == []
     assert leftovers(image, site["state"], site["target"]) == []
 
 

@@ -99,3 +99,20 @@ def test_detach_if_ours_checks_identity(backing):
         dev.close()
     assert _gone(dev.path)
     assert loop.detach_if_ours(dev.path, st.st_dev, st.st_ino, HEAD) is False  # idempotent
+
+
+
+def test_a_loop_device_over_zero_bytes_is_never_asked_for(backing):
+    """To the kernel a size limit of 0 means "to the end of the file": a partition of 0 bytes would
+    expose everything after its offset. attach refuses it before any loop device exists."""
+    path, fd, _ = backing
+    try:
+        dev = loop.attach(fd, HEAD, 0, str(path))
+    except ValueError as err:
+        assert str(err) == "loop device over 0 bytes"
+    else:
+        with open(dev.path, "rb") as f:
+            exposed = len(f.read())
+        dev.close()
+        pytest.fail(f"attached {dev.path} over {exposed} bytes: everything after the offset")
+    assert loops_backed_by(path) == []

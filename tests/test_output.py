@@ -50,3 +50,13 @@ def test_a_bug_in_a_command_is_one_line_and_its_traceback_on_request(monkeypatch
     monkeypatch.setenv(cli.TRACEBACK_VARIABLE, "1")
     with pytest.raises(ZeroDivisionError):
         cli.main(["list"])
+
+
+def test_a_usage_error_cannot_drive_the_terminal(capsys):
+    """argparse quotes the argument it refuses: escaped by the parser's own error line and by the
+    stream guard behind it (each one alone suffices)."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["list", "\x1b]0;owned\x07\nsecond line"])
+    assert stop.value.code == 64
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b]0;owned\\x07\\x0asecond line" in err, err

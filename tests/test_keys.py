@@ -531,3 +531,30 @@ def test_after_an_unwrap_no_copy_of_the_key_or_the_pem_text_is_left(tmp_path):
     finally:
         proc.communicate("\n", timeout=30)
     assert found == set()
+
+
+def test_the_unwrapping_child_is_not_dumpable_while_it_holds_the_private_key(monkeypatch):
+    """The child that parses the PEM text and does the RSA work writes no core dump: its dumpable
+    flag is 0 while it unwraps (the caller's is left as it was). The real unwrap runs; the child
+    only reports its flag, through a pipe, as it starts."""
+    from spank_sif.secret import PR_GET_DUMPABLE, _prctl
+    private, public = keys.generate_key_pair(2048)
+    luks_key = os.urandom(64)
+    message = keys.wrap_key(serialization.load_pem_public_key(public), luks_key)
+    seen_r, seen_w = os.pipe()
+    real = keys.unwrap_key
+
+    def reporting(private_key, message):
+        os.write(seen_w, b"%d" % _prctl(PR_GET_DUMPABLE, 0))
+        return real(private_key, message)
+
+    monkeypatch.setattr(keys, "unwrap_key", reporting)
+    before = _prctl(PR_GET_DUMPABLE, 0)
+    try:
+        with keys.unwrap_in_child(bytearray(private), message, "the test's key") as key:
+            assert bytes(key.value) == luks_key
+    finally:
+        os.close(seen_w)
+    with os.fdopen(seen_r, "rb") as seen:
+        assert seen.read() == b"0"
+    assert _prctl(PR_GET_DUMPABLE, 0) == before == 1

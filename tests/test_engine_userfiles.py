@@ -149,3 +149,27 @@ def test_descriptors_of_the_caller_do_not_reach_the_child(users, wd):
                 os.close(open_as_user(f"/proc/self/fd/{fd}", user))
     finally:
         os.close(held)
+
+
+def test_a_file_system_that_cannot_be_identified_is_not_vouched_for(tmp_path):
+    """kernel_mount trusts a file only on a file system it can identify. A descriptor opened before
+    this process entered a new mount namespace lies on a mount that namespace does not list (its
+    mounts are copies with new ids), so its file system cannot be identified: nobody vouches for
+    it, even root's file of mode 0644."""
+    from engine_helpers import in_child
+    from spank_sif import mounts, userfiles
+    path = tmp_path / "root-owned.img"
+    path.write_bytes(b"squashfs, say")
+    path.chmod(0o644)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def in_a_new_mount_namespace():
+        mounts.enter_private_namespace()  # as each task does
+        return userfiles.filesystem_type(fd), userfiles.who_else_can_write(fd)
+
+    try:
+        assert userfiles.filesystem_type(fd) and userfiles.who_else_can_write(fd) == ""
+        assert in_child(in_a_new_mount_namespace) == (
+            0, ("", "whoever serves its file system (which cannot be identified)"))
+    finally:
+        os.close(fd)

@@ -71,6 +71,23 @@ def test_exports_what_slurm_and_python_look_up_and_nothing_else(plugin):
 def test_built_hardened(plugin):
     """Loaded into every slurmstepd as root: full RELRO (the GOT is read-only, every symbol bound
     at load), a stack protector, fortified libc calls."""
+    assert_hardened(plugin)
+
+
+def test_hardened_even_where_the_toolchain_is_not(tmp_path):
+    """Debian's compiler and linker already add a stack protector and RELRO, so the installed object
+    cannot show that the build asks for them itself. Built here with a toolchain whose defaults
+    (and the site's CFLAGS/LDFLAGS) turn them off, it still has them."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([PYTHON, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                    "--build-temp", str(tmp_path / "temp")], cwd=repo, check=True, capture_output=True,
+                   env=dict(os.environ, CFLAGS="-fno-stack-protector -U_FORTIFY_SOURCE",
+                            LDFLAGS="-Wl,-z,norelro -Wl,-z,lazy"))
+    (built,) = (tmp_path / "lib" / "spank_sif").glob("_plugin*.so")
+    assert_hardened(built)
+
+
+def assert_hardened(plugin):
     dynamic_section = subprocess.run(["readelf", "-d", "-W", plugin], capture_output=True, text=True,
                                      check=True).stdout
     assert "(BIND_NOW)" in dynamic_section and re.search(r"\(FLAGS_1\).*\bNOW\b", dynamic_section)

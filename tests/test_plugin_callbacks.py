@@ -255,6 +255,30 @@ def test_bug_is_logged_with_traceback_but_user_sees_one_generic_line(fake, site,
     assert not any("Traceback" in m or "ZeroDivisionError" in m for _, m in spank.log_lines)
 
 
+@pytest.mark.root
+def test_a_bug_in_user_init_fails_every_task(fake, site, monkeypatch, tmp_path):
+    """A bug in user_init, on a step whose image unlocked: the user gets the one fixed line and
+    every task_init_privileged fails, so no task runs without its image (the step runs in a child:
+    a task that went on would mount the image in a namespace of its own)."""
+    import reftools
+    from engine_helpers import in_child
+    from spank_sif import sif
+    if os.geteuid() != 0:
+        pytest.skip("unlocks a real plain image (loop device)")
+    sqfs = reftools.make_squashfs(tmp_path / "tree", tmp_path / "root.sqfs", {"hello.txt": b"hi\n"})
+    image = tmp_path / "plain.sif"
+    sif.write_sif(str(image), sif.apptainer_layout(sqfs.read_bytes(), sif.FsType.SQUASHFS))
+    spank = fake(option=str(image))
+
+    def broken(sp, args):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setitem(callbacks.HANDLERS, ("remote", "user_init"), broken)
+    args = site(f"mount_point: {tmp_path / 'sif'}\n")
+    status, (results, told) = in_child(lambda: (run_step(spank, args, tasks=2), spank.user_lines))
+    assert status == 0 and results == [0, -1, -1, -1, 0], (results, told)
+    assert told == [callbacks.INTERNAL_ERROR]
+    assert not list(tmp_path.glob("state/*/*"))  # released by exit
+
 def test_job_epilog_sweeps_what_the_job_left(fake, site, tmp_path):
     """Records as a step SIGKILLed right after it started leaves them; the real engine sweeps this
     job's and leaves another job's alone."""

@@ -565,8 +565,11 @@ def test_interrupted_run_leaves_nothing(work, signum, when):
     os.chown(big, pwd.getpwnam("nobody").pw_uid, -1)
     give(work, "pass.txt", PASSPHRASE)
     kdf = CHEAP_KDF if when == "data" else ("--kdf-memory", "1G")
+    # As from a terminal: a test run started in the background (`pytest ... &` in a script) hands its
+    # children SIGINT ignored, and Python then leaves it ignored, as programs should.
     proc = as_nobody(work, "encrypt", "big.sqfs", "enc.sif", "--passphrase-file", "pass.txt", *kdf,
-                     popen=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     popen=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         # the data stage has begun once the temporary OUT exists; the KDF stage once the scratch does

@@ -59,6 +59,10 @@ class SiteConfig(NamedTuple):
     kdf_max_parallel: int = 1
     # Seconds a step waits for a free KDF slot on its node before it fails with a message.
     kdf_lock_timeout: int = 300
+    # Later steps of a job reuse the mapping an earlier step of the same job made on the node for
+    # the same user, image file and key (one key derivation per job per node); false: every step
+    # unlocks afresh.
+    reuse_mappings: bool = True
     # Root-only directory for the records that let an epilog clean up after a crash.
     state_dir: str = "/run/spank-sif"
     # How much the plugin logs to slurmd's log: error, info, verbose or debug.
@@ -178,6 +182,7 @@ _CHECKS = {
     "kdf_max_pbkdf2_iterations": _positive,
     "kdf_max_parallel": _positive,
     "kdf_lock_timeout": _positive,
+    "reuse_mappings": _bool,
     "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
     "log_level": _one_of(LOG_LEVELS),
     "container_default": _bool,

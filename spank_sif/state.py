@@ -3,8 +3,16 @@
 Before the engine creates a loop device, a mapping or a mount it writes a small JSON record here;
 when the object is gone it deletes the record. A sweep after a crash reads the records and removes
 what they name. Layout: ``<state_dir>/<job id>/<session>~<kind>[~<key>].json``, root only (0700).
-Records never hold a secret: names, device paths, inode numbers, pids and times only.
+Records never hold a secret: names, device paths, inode numbers, pids and times only (a mapping
+that later steps of the job may reuse also carries a salted HMAC of its key, to recognise the same
+key again: lifecycle.py).
+
+Kinds: ``session`` (what was opened, by whom), ``loop``, ``mapping``, ``mount`` (one per task), and
+``hold`` (one per step using a shared mapping: step label and slurmstepd pid). Lock files
+``<job dir>/.<name>.lock`` serialise steps of one job that may share a mapping.
 """
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -15,7 +23,7 @@ from pathlib import Path
 
 from spank_sif.errors import StateError
 
-KINDS = ("session", "loop", "mapping", "mount")
+KINDS = ("session", "loop", "mapping", "mount", "hold")
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
@@ -128,12 +136,43 @@ class StateDir:
                     continue  # half-written or foreign file: ignore, the sweep removes the directory
         return sorted(out, key=lambda r: (r.created, r.path.name))
 
+    @contextlib.contextmanager
+    def job_lock(self, job: str, name: str, timeout: float):
+        """Hold an exclusive lock of job ``job`` named ``name`` (a flock on ``<job dir>/.<name>.lock``);
+        yields False, without the lock, if another process held it for ``timeout`` seconds."""
+        path = self.job_dir(job, create=True) / f".{check_label(name, 'lock name')}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot open lock file {path}: {exc.strerror}") from exc
+        try:
+            # Polled, not blocking: a blocking flock cannot be given a deadline without a signal,
+            # and slurmstepd's threads are no place for signal handlers.
+            deadline, delay = time.monotonic() + timeout, 0.005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+            yield True
+        finally:
+            os.close(fd)
+
     def drop_job_dir(self, job: str) -> bool:
-        """Remove a job's directory if it holds no record any more (stray temp files go too)."""
+        """Remove a job's directory if it holds no record any more (stray temp files and the job's
+        lock files go too: with no record left, no step of the job is using them)."""
         path = self.job_dir(job)
         try:
-            for entry in os.scandir(path):
-                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            entries = list(os.scandir(path))
+            if any(not e.name.startswith(".") for e in entries):
+                return False  # records left: a lock may be in use
+            for entry in entries:
+                if entry.name.endswith((".tmp", ".lock")):
                     os.unlink(entry.path)
             os.rmdir(path)
             return True

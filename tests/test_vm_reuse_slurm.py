@@ -64,12 +64,23 @@ def _names(text: str) -> dict[str, list[str]]:
     return found
 
 
+def _outputs(work: Path) -> str:
+    return "; ".join(f"{p.name}: {p.read_text(errors='replace')!r}" for p in sorted(work.glob("*.out")) +
+                     sorted(work.glob("*.err")))
+
+
 def _sbatch(cluster, work: Path, script: str, env: dict, wait=True):
     argv = ["sbatch", "--parsable", "-o", str(work / "job.out"), "-e", str(work / "job.err")]
     if wait:
-        res = cluster.run([*argv, "--wait"], input=script, env=env, cwd=str(work))
+        try:
+            res = cluster.run([*argv, "--wait"], input=script, env=env, cwd=str(work), timeout=900)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job did not end: {_outputs(work)}\n{cluster.log('slurmd')[-4000:]}") from None
         return res, (work / "job.out").read_text(), (work / "job.err").read_text()
-    return subprocess.Popen([*argv, "--wait"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    path = work / "job.sh"
+    path.write_text(script)
+    path.chmod(0o644)
+    return subprocess.Popen([*argv, "--wait", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=str(work), user="sifuser",
                             env=cluster.env("sifuser", **env))
 
@@ -78,14 +89,15 @@ def test_a_batch_job_of_many_steps_unlocks_once_and_only_for_the_same_file_and_k
     img, sh = work / "img.sif", f"sh {work / 'name.sh'}"
     script = f"""#!/bin/sh
 #SBATCH --sif-image={img} -n4 -O
-{sh} batch
-for i in 1 2 3 4; do srun -n1 {sh} step$i; done
-srun -n4 {sh} tasks
+date +%s; {sh} batch
+for i in 1 2 3 4; do srun -n1 {sh} step$i; date +%s; done
+srun -n4 {sh} tasks; date +%s
 APPTAINER_ENCRYPTION_PASSPHRASE=wrong srun -n1 {sh} wrong-key 2> {work}/wrong.err; echo "wrong-key exit $?"
 env -u APPTAINER_ENCRYPTION_PASSPHRASE srun -n1 {sh} no-key 2> {work}/no-key.err; echo "no-key exit $?"
 srun -n1 {sh} after-refusals
 sleep 0.1; touch {img}; srun -n1 {sh} touched
 cp {img} {img}.new && mv {img}.new {img}; srun -n1 {sh} replaced; srun -n1 {sh} replaced-again
+date +%s
 """
     res, out, err = _sbatch(cluster, work, script, _env(ref_images))
     assert res.returncode == 0, res.stderr + out + err
@@ -154,8 +166,6 @@ while [ ! -e {work}/go ]; do sleep 0.2; done
 srun -n1 --overlap --sif-image={img} {sh} after > {work}/after.out
 """
     job = _sbatch(cluster, work, script, _env(ref_images), wait=False)
-    job.stdin.write(script)
-    job.stdin.close()
     try:
         held = _names(_wait_for(work / "held.out"))["held"]
         kill_step(cluster, "0")  # its slurmstepd dies holding the mapping: no exit callback
@@ -175,8 +185,6 @@ srun -n1 --sif-image={img} sh -c '{sh} before; touch {work}/started
     while [ ! -e {work}/go ]; do sleep 0.2; done; {sh} after-epilog'
 """
     job = _sbatch(cluster, work, script, _env(ref_images), wait=False)
-    job.stdin.write(script)
-    job.stdin.close()
     try:
         deadline = time.monotonic() + 240
         while not (work / "started").exists() and time.monotonic() < deadline:

@@ -28,6 +28,7 @@ CONFIG_VARIABLE = "SPANK_SIF_CONFIG"  # the CLI's way to name another file
 # the file: see docs/security-model.md. A file "only root can change" is judged on the opened
 # descriptor (userfiles.who_else_can_write).
 KERNEL_MOUNT = ("always", "encrypted-only", "root-owned")
+SUBMIT_CHECK = ("full", "fast", "off")  # submit.py says what each checks
 
 
 class SiteConfig(NamedTuple):
@@ -63,6 +64,10 @@ class SiteConfig(NamedTuple):
     state_dir: str = "/run/spank-sif"
     # How much the plugin logs to slurmd's log: error, info, verbose or debug.
     log_level: str = "info"
+    # What srun, sbatch and salloc check before a job is queued: full (the image, the site's rules
+    # and that the key opens it: one key derivation on the submit host), fast (all but the key
+    # derivation) or off (login nodes that cannot see the images).
+    submit_check: str = "full"
     # Container mode (--sif-container) for jobs that do not choose (SLURM_SIF_CONTAINER unset).
     container_default: bool = False
     # Host paths bound into every container, SRC[:DST[:ro]]; "~" is the user's home, "." the submit
@@ -180,6 +185,7 @@ _CHECKS = {
     "kdf_lock_timeout": _positive,
     "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
     "log_level": _one_of(LOG_LEVELS),
+    "submit_check": _one_of(SUBMIT_CHECK),
     "container_default": _bool,
     "container_binds": _binds,
     "allowed_bind_paths": _paths,

@@ -28,7 +28,8 @@ CONFIG_VARIABLE = "SPANK_SIF_CONFIG"  # the CLI's way to name another file
 # the file: see docs/security-model.md. A file "only root can change" is judged on the opened
 # descriptor (userfiles.who_else_can_write).
 KERNEL_MOUNT = ("always", "encrypted-only", "root-owned")
-SUBMIT_CHECK = ("full", "fast", "off")  # submit.py says what each checks
+# submit.py says what each checks. A bare "off" is YAML's false: it means off here.
+SUBMIT_CHECK = ("full", "fast", "off")
 
 
 class SiteConfig(NamedTuple):
@@ -185,7 +186,7 @@ _CHECKS = {
     "kdf_lock_timeout": _positive,
     "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
     "log_level": _one_of(LOG_LEVELS),
-    "submit_check": _one_of(SUBMIT_CHECK),
+    "submit_check": lambda v, k, w: _one_of(SUBMIT_CHECK)("off" if v is False else v, k, w),
     "container_default": _bool,
     "container_binds": _binds,
     "allowed_bind_paths": _paths,

@@ -144,6 +144,27 @@ def submit_init_post_opt(sp, args) -> None:
         # sbatch/salloc hand the option to the batch step and nested sruns from here: absolute.
         spank.job_control_setenv(sp, options.OPTION_ENV, image)
     submit_container_options(sp)
+    submit_check(image, args)
+
+
+def submit_check(image: str, args) -> None:
+    """Refuse here, before a job ID exists, what the nodes would refuse (spank_sif.submit)."""
+    from spank_sif.config import DEFAULT_PATH, SiteConfig, load_config
+    path = plugstack_args(args).get("config") or DEFAULT_PATH
+    if not os.path.exists(path):  # no copy on this host: the defaults (the admin guide says to copy it)
+        config = SiteConfig()
+    elif not os.access(path, os.R_OK):
+        # The nodes enforce everything anyway: a login node's unreadable copy must not stop jobs.
+        spank.tell_user(f"image {image} was not checked at submit: the site configuration {path} "
+                        "is not readable on this host")
+        return
+    else:
+        config = load_config(path)
+    from spank_sif import submit
+    mode = submit.mode_for(config.submit_check, spank.context(), os.environ)
+    note = submit.check(image, os.environ, config, mode)
+    if note:
+        spank.tell_user(note)
 
 
 def submit_container_options(sp) -> None:

@@ -28,6 +28,8 @@ CONFIG_VARIABLE = "SPANK_SIF_CONFIG"  # the CLI's way to name another file
 # the file: see docs/security-model.md. A file "only root can change" is judged on the opened
 # descriptor (userfiles.who_else_can_write).
 KERNEL_MOUNT = ("always", "encrypted-only", "root-owned")
+# submit.py says what each checks. A bare "off" is YAML's false: it means off here.
+SUBMIT_CHECK = ("full", "fast", "off")
 
 
 class SiteConfig(NamedTuple):
@@ -67,6 +69,10 @@ class SiteConfig(NamedTuple):
     state_dir: str = "/run/spank-sif"
     # How much the plugin logs to slurmd's log: error, info, verbose or debug.
     log_level: str = "info"
+    # What srun, sbatch and salloc check before a job is queued: full (the image, the site's rules
+    # and that the key opens it: one key derivation on the submit host), fast (all but the key
+    # derivation) or off (login nodes that cannot see the images).
+    submit_check: str = "full"
     # Container mode (--sif-container) for jobs that do not choose (SLURM_SIF_CONTAINER unset).
     container_default: bool = False
     # Host paths bound into every container, SRC[:DST[:ro]]; "~" is the user's home, "." the submit
@@ -185,6 +191,7 @@ _CHECKS = {
     "reuse_mappings": _bool,
     "state_dir": lambda v, k, w: _check_absolute(_expect(v, str, k, w, "a string"), k, w),
     "log_level": _one_of(LOG_LEVELS),
+    "submit_check": lambda v, k, w: _one_of(SUBMIT_CHECK)("off" if v is False else v, k, w),
     "container_default": _bool,
     "container_binds": _binds,
     "allowed_bind_paths": _paths,

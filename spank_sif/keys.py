@@ -78,6 +78,20 @@ def passphrase_from_file(data: bytes | bytearray, path: str, option: str = "--pa
     return KeySource("passphrase", f"{option} {path}", secret=Secret(data))  # adopts a bytearray
 
 
+def read_key_file(path: str, limit: int, what: str) -> bytes:
+    """A key file read by this process, which is the user (the CLI, srun/sbatch/salloc): an
+    ordinary open is the user's own access check. At most ``limit`` bytes; ``what`` names the
+    option or the file in messages. (The node reads key files as the user with userfiles.)"""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
+    if len(data) > limit:
+        raise KeyMaterialError(f"{what} {path}: larger than {limit} bytes, not a key")
+    return data
+
+
 def find_key_source(env: Mapping[str, "str | Secret"], variables=DEFAULT_KEY_VARIABLES) -> KeySource | None:
     """The first variable of ``variables`` set to a non-empty value in ``env``, or None if none is set.
 

@@ -22,10 +22,10 @@ import subprocess
 import time
 from typing import NamedTuple
 
-from spank_sif import dmcrypt, keys, libcryptsetup, log, loop, luks2, mounts, sif, userfiles
+from spank_sif import dmcrypt, keys, libcryptsetup, log, loop, luks2, mounts, policy, sif, userfiles
 from spank_sif.config import SiteConfig
 from spank_sif.loop import LoopDevice
-from spank_sif.errors import ImageError, KeyMaterialError, PolicyError, SifError, StateError, SystemSetupError
+from spank_sif.errors import KeyMaterialError, SifError, StateError, SystemSetupError
 from spank_sif.secret import Secret
 from spank_sif.state import Record, StateDir, check_label, job_id
 
@@ -76,56 +76,9 @@ def session_name(job: str) -> str:
 # ---------------------------------------------------------------- unlock
 
 
-def _check_location(fd: int, image_path: str, config: SiteConfig) -> str:
-    """Where the opened file really is (symlinks resolved by the kernel), checked against the site's
-    allowed directories."""
-    try:
-        real = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError as exc:  # ENAMETOOLONG: a real path longer than the kernel's limit (PATH_MAX)
-        raise ImageError(f"image {image_path}: its full path is too long for this system "
-                         f"({exc.strerror}): move it to a shorter path") from exc
-    allowed = config.allowed_image_paths
-    if allowed and not any(os.path.commonpath([real, d]) == d for d in allowed):
-        raise PolicyError(f"image {image_path} ({real}) is outside the directories this site allows "
-                          f"for images ({', '.join(allowed)}): copy it there or ask your admin")
-    return real
-
-
-def _policy(part, image_path: str, config: SiteConfig) -> bool:
-    """True if the image is encrypted (LUKS2), False if plain and allowed; refuses the rest.
-    (sif.primary_partition already refused gocryptfs and non-squashfs partitions.)"""
-    encrypted = part.fs_type == sif.FsType.ENCRYPTED_SQUASHFS
-    if not encrypted and not config.allow_unencrypted:
-        raise PolicyError(f"image {image_path} is not encrypted and this site only runs encrypted "
-                          "images (allow_unencrypted: false)")
-    return encrypted
-
-
-def _kernel_may_mount(fd: int, encrypted: bool, image_path: str, config: SiteConfig) -> None:
-    """The site's ``kernel_mount`` policy: may the kernel's squashfs driver parse this file as root?
-    Decided on the opened file, before any key work (docs/security-model.md says why)."""
-    policy = config.kernel_mount
-    if policy == "always" or (policy == "encrypted-only" and encrypted):
-        return
-    writer = userfiles.who_else_can_write(fd)
-    if not writer:
-        return
-    if policy == "encrypted-only":
-        raise PolicyError(f"image {image_path} is not encrypted and can be changed by {writer}; this site "
-                          "mounts plain images only when nobody but root can change them (kernel_mount: "
-                          "encrypted-only): use an encrypted image, or ask your admin to install this one")
-    raise PolicyError(f"image {image_path} can be changed by {writer}; this site mounts only images "
-                      f"nobody but root can change (kernel_mount: {policy}): ask your admin to install it")
-
-
 def _key(image, fd: int, env, user, config: SiteConfig, cwd, source) -> Secret:
     if source is None:
-        source = keys.find_key_source(env, list(config.key_variables))
-    if source is None:
-        names = " or ".join(dict.fromkeys(
-            v for v in config.key_variables if v.endswith(("_PASSPHRASE", "_PEM_PATH")))) or "a key variable"
-        raise KeyMaterialError(f"the image is encrypted but no key was given: set {names} in the job's "
-                               "environment")
+        source = policy.key_source(env, config)
 
     def read_user_file(path: str) -> bytearray:
         return userfiles.read_as_user(path, user, keys.MAX_PEM_FILE, what="PEM key file",
@@ -151,11 +104,11 @@ def unlock(image_path: str, user: userfiles.User, env, job: str, config: SiteCon
     fd = userfiles.open_as_user(image_path, user, cwd=cwd)
     header = secret = None
     try:
-        real = _check_location(fd, image_path, config)
+        real = policy.check_location(fd, image_path, config)
         image = sif.read_sif(fd, name=image_path)
         part = image.primary_partition()
-        encrypted = _policy(part, image_path, config)
-        _kernel_may_mount(fd, encrypted, image_path, config)
+        encrypted = policy.check_encryption(part, image_path, config)
+        policy.check_kernel_mount(fd, encrypted, image_path, config)
         log.verbose(f"{job}: image {image_path} ({real}) opened as {user.name}: partition {part.id}, "
                     f"{'encrypted' if encrypted else 'not encrypted'}, {part.size} bytes")
         opening = _Opening(fd, real, part, user, job, config)

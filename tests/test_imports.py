@@ -89,3 +89,12 @@ def test_a_passphrase_never_imports_rsa_key_loading():
         keys.find_key_source({"APPTAINER_ENCRYPTION_PASSPHRASE": "x"})
     """)
     assert_none_of(loaded, ["cryptography"])
+
+
+def test_the_submit_check_imports_nothing_of_the_node_engine_s_kernel_side():
+    """srun/sbatch/salloc with an image import the check; without one the shim starts no Python
+    (test_slurm_plugin's zero-cost test)."""
+    loaded = modules_after("import spank_sif.callbacks, spank_sif.submit")
+    assert_none_of(loaded, ["spank_sif.lifecycle", "spank_sif.dmcrypt", "spank_sif.loop",
+                            "spank_sif.mounts", "spank_sif.state", "yaml", "cryptography",
+                            "traceback", "dataclasses"])

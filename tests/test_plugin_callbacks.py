@@ -144,11 +144,11 @@ def test_submit_side_exports_the_absolute_path(fake, monkeypatch, tmp_path, cont
     assert spank.job_control == {options.OPTION_ENV: str(tmp_path / "img/app.sif")}
 
 
-def test_submit_side_env_default_needs_no_job_control_entry(fake, monkeypatch, tmp_path):
+def test_submit_side_env_default_needs_no_job_control_entry(fake, site, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(options.ENV_DEFAULT, "a.sif")
     spank = fake(context="local", option=None)
-    assert callbacks.dispatch("init_post_opt", None, []) == 0
+    assert callbacks.dispatch("init_post_opt", None, site("submit_check: off")) == 0  # a.sif is missing
     assert os.environ[options.ENV_DEFAULT] == str(tmp_path / "a.sif")
     assert spank.job_control == {}
 
@@ -158,6 +158,43 @@ def test_submit_side_bad_value_fails_with_one_line(fake, monkeypatch):
     spank = fake(context="local", option="bad\nname.sif")
     assert callbacks.dispatch("init_post_opt", None, []) == -1
     assert len(spank.user_lines) == 1 and "newline" in spank.user_lines[0]
+
+
+@pytest.mark.parametrize("context", ["local", "allocator"])
+def test_submit_side_refuses_what_the_node_would_refuse(fake, site, monkeypatch, tmp_path, context):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(options.ENV_DEFAULT, raising=False)
+    spank = fake(context=context, option="missing.sif")
+    assert callbacks.dispatch("init_post_opt", None, site()) == -1
+    assert spank.user_lines == [f"image {tmp_path}/missing.sif does not exist"]
+
+
+def test_submit_side_says_when_it_could_not_check(fake, site, monkeypatch, tmp_path):
+    monkeypatch.delenv(options.ENV_DEFAULT, raising=False)
+    spank = fake(context="local", option="/nonexistent-dir/app.sif")
+    assert callbacks.dispatch("init_post_opt", None, site()) == 0
+    assert len(spank.user_lines) == 1 and "not checked at submit" in spank.user_lines[0]
+
+
+def test_submit_side_site_configuration(fake, monkeypatch, tmp_path):
+    """The plugstack line's config= file: absent on this host, the defaults (the check runs);
+    unreadable, the check is skipped with one line; invalid, the node's one line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(options.ENV_DEFAULT, raising=False)
+    spank = fake(context="allocator", option="missing.sif")
+    assert callbacks.dispatch("init_post_opt", None, [f"config={tmp_path}/absent.yaml"]) == -1
+    assert spank.user_lines == [f"image {tmp_path}/missing.sif does not exist"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("submit_check: sometimes\n")
+    spank = fake(context="allocator", option="missing.sif")
+    assert callbacks.dispatch("init_post_opt", None, [f"config={bad}"]) == -1
+    assert len(spank.user_lines) == 1 and "'submit_check' must be one of" in spank.user_lines[0]
+    bad.chmod(0)
+    spank = fake(context="allocator", option="missing.sif")
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(bad))  # root reads anything
+    assert callbacks.dispatch("init_post_opt", None, [f"config={bad}"]) == 0
+    assert spank.user_lines == [f"image {tmp_path}/missing.sif was not checked at submit: the site "
+                                f"configuration {bad} is not readable on this host"]
 
 
 @pytest.mark.parametrize("context,callback", [("local", "user_init"), ("slurmd", "init"),
@@ -375,7 +412,7 @@ def test_key_variables_are_read_into_secrets_and_held_undumpable(monkeypatch, si
 
 # ------------------------------------------------------------------ container mode
 
-def test_sbatch_exports_the_container_options_as_defaults_not_as_options(fake, monkeypatch, tmp_path):
+def test_sbatch_exports_the_container_options_as_defaults_not_as_options(fake, site, monkeypatch, tmp_path):
     """sbatch --sif-container --sif-binds=data:/in: the job's sruns inherit them as environment
     defaults (which they may switch off), not as options given on their own command line."""
     monkeypatch.chdir(tmp_path)
@@ -383,7 +420,7 @@ def test_sbatch_exports_the_container_options_as_defaults_not_as_options(fake, m
         monkeypatch.delenv(name, raising=False)
     spank = fake(context="allocator", option="app.sif", options={"sif-container": "", "sif-binds": "data:/in"})
     spank.job_control = {options.option_env("sif-container"): "", options.option_env("sif-binds"): "data:/in"}
-    assert callbacks.dispatch("init_post_opt", None, []) == 0
+    assert callbacks.dispatch("init_post_opt", None, site("submit_check: off")) == 0  # app.sif is missing
     assert os.environ["SLURM_SIF_CONTAINER"] == "1"
     assert os.environ["SLURM_SIF_BINDS"] == f"{tmp_path}/data:/in"
     assert spank.job_control == {options.OPTION_ENV: str(tmp_path / "app.sif")}

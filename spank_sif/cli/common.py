@@ -26,16 +26,8 @@ def table(rows) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-
 def read_key_file(path: str, limit: int, what: str) -> bytes:
-    """A key file named on the command line, read as the invoking user (an ordinary open is the
-    user's own access check), at most ``limit`` bytes. ``what`` names the option in messages."""
-    from spank_sif.errors import KeyMaterialError
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise KeyMaterialError(f"{what} {path}: cannot read it: {exc.strerror}") from exc
-    if len(data) > limit:
-        raise KeyMaterialError(f"{what} {path}: larger than {limit} bytes, not a key")
-    return data
+    """A key file named on the command line, read as the invoking user (``keys.read_key_file``;
+    imported here, not at the top: most commands read no key)."""
+    from spank_sif.keys import read_key_file as read
+    return read(path, limit, what)

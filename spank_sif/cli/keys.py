@@ -1,19 +1,15 @@
 """``spank-sif verify-key`` and ``spank-sif keygen``.
 
 verify-key answers "will the plugin open this image with this key?" without root or dm-crypt, the
-same way the plugin gets there: the same key variables, the same PEM unwrap, the same header
-snapshot loaded by libcryptsetup, the same KDF caps and keyslots (``libcryptsetup.Header``); then
-one decrypted sector says whether the data is a squashfs. keygen makes the RSA pair Apptainer's
-``--pem-path`` wants.
+same way the plugin gets there (``spank_sif.verify``, which the submit check of srun, sbatch and
+salloc shares). keygen makes the RSA pair Apptainer's ``--pem-path`` wants.
 """
 import argparse
 import os
 
-from spank_sif import keys, libcryptsetup, luks2, sif
+from spank_sif import keys, sif, verify
 from spank_sif.cli.common import add_config_option, printable, read_key_file, site_config
-from spank_sif.errors import ImageError, KeyMaterialError, UsageError, WrongKeyError
-
-SQUASHFS_MAGIC = b"hsqs"
+from spank_sif.errors import KeyMaterialError, UsageError
 
 VERIFY_EPILOG = """\
 The key comes from --passphrase-file or --pem-path, or else from the environment variables the
@@ -80,13 +76,9 @@ def verify_key(args) -> int:
         if part.fs_type == sif.FsType.SQUASHFS:
             print(f"{printable(args.image)}: not encrypted (plain squashfs): nothing to unlock, no key needed")
             return 0
-        try:
-            header = libcryptsetup.Header(fd, part.offset, part.size, luks2.site_caps(config))
-        except ImageError as err:  # say where: the LUKS2 layer does not know the image
-            raise type(err)(f"{args.image}: encrypted partition (id {part.id}): {err}") from err
-        with header:
+        with verify.open_header(image, fd, part, config) as header:
             source = key_source(args, config.key_variables)
-            keyslot = check_key(image, fd, header, source)
+            keyslot = verify.check_key(image, fd, header, source)
     finally:
         os.close(fd)
     print(f"{printable(args.image)}: the key from {printable(source.describe())} opens keyslot {keyslot}")
@@ -105,38 +97,6 @@ def key_source(args, variables) -> keys.KeySource:
         raise KeyMaterialError(f"no key: set one of {', '.join(variables)}, "
                                "or use --passphrase-file or --pem-path")
     return source
-
-
-def check_key(image, fd: int, header: libcryptsetup.Header, source: keys.KeySource) -> int:
-    """The keyslot ``source``'s key opens; WrongKeyError with a hint about the likely mistake."""
-    with keys.luks_passphrase(image, fd, source, _read_user_file) as passphrase:
-        try:
-            keyslot, volume_key = header.unlock(passphrase)
-        except WrongKeyError as err:
-            raise WrongKeyError(f"{err} ({source.describe()}){_hint(image, source, passphrase)}") from err
-    volume = header.volume
-    with volume_key:
-        # One sector more says whether the plugin's mount would work: the data must be a squashfs.
-        first = luks2.decrypt_sectors(volume, fd, volume_key, 0, 1) if volume.segment.sectors else b""
-    if first[:4] != SQUASHFS_MAGIC:
-        raise ImageError(f"{image.name}: the key opens keyslot {keyslot}, but the decrypted partition is "
-                         "not a squashfs file system: the image is corrupt")
-    return keyslot
-
-
-def _hint(image, source: keys.KeySource, passphrase) -> str:
-    if source.kind != "passphrase":
-        return ""
-    if any(m.is_pem_rsa_oaep for m in image.crypto_messages(image.primary_partition())):
-        return "; this image was encrypted for a PEM key: use APPTAINER_ENCRYPTION_PEM_PATH or --pem-path"
-    if passphrase.value.endswith(b"\n"):
-        return "; note the passphrase ends with a newline, which is part of it"
-    return ""
-
-
-def _read_user_file(path: str) -> bytes:
-    # The CLI runs as the user: an ordinary open is the user's own access check.
-    return read_key_file(path, keys.MAX_PEM_FILE + 1, "key file")
 
 
 # ---------------------------------------------------------------------------------------------

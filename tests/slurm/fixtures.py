@@ -60,8 +60,10 @@ def cluster(slurm_cluster):
     slurm_cluster.write_site_config(site_yaml(slurm_cluster))
 
 
-def site_yaml(cluster, extra: str = "") -> str:
-    return f"mount_point: {cluster.root / 'sif'}\n{extra}"
+def site_yaml(cluster, extra: str = "", submit_check: str = "off") -> str:
+    """The site configuration of a test. The submit check is off unless a test asks for it, so that
+    what a test sends to the node reaches the node (tests/test_submit_check.py tests the check)."""
+    return f"mount_point: {cluster.root / 'sif'}\nsubmit_check: {submit_check}\n{extra}"
 
 
 def mount_point(cluster) -> str:

@@ -1,6 +1,7 @@
 """pytest fixtures and checks for the real-Slurm tests (host and VM).
 
 ``slurm_cluster``: one single-node Slurm per test session, the installed plugin in its plugstack.
+``slurm_cluster3``: three Slurm nodes on the VM's one kernel (slurm/multinode.py), one per session.
 ``plain_images``: small SIF images made here (squashfs, no dm-crypt needed) in a world-readable dir.
 ``leftovers(cluster)``: whatever a job left on the node (loop devices, mounts, mappings, records).
 ``buggy_python``: the plugin's Python with a bug injected into the callback it is told to break
@@ -18,6 +19,7 @@ import pytest
 
 import reftools
 from slurm import SlurmCluster
+from slurm.multinode import MultiNodeCluster
 from spank_sif import sif
 
 HELLO = b"hello from a plain SIF\n"
@@ -40,6 +42,20 @@ def slurm_cluster():
     cluster = SlurmCluster(root)
     try:
         cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster3(record_testsuite_property):
+    _require_slurm()
+    root = Path(tempfile.mkdtemp(prefix="spank-sif-slurm3-"))
+    cluster = MultiNodeCluster(root, nodes=3)
+    try:
+        cluster.start()
+        # In the JUnit report (the VM run's vm.xml): how long the cluster took to start.
+        record_testsuite_property("slurm_cluster3_start_seconds", f"{cluster.setup_seconds:.1f}")
         yield cluster
     finally:
         cluster.cleanup()

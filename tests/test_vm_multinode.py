@@ -143,8 +143,9 @@ def test_mpi_step_on_three_nodes_at_once_each_with_its_own_mapping(cluster3, enc
 def test_killed_stepd_on_one_node_then_its_epilog_cleans_only_that_node(cluster3, enc):
     """``srun -N3 -n6 --sif-image``; node2's slurmstepd dies mid-step (no exit callback runs there),
     then node2's epilog runs while node1 and node3 go on serving the step: what the job epilog runs
-    (``spank-sif epilog``, as the plugin's job_epilog), started in node2's namespaces, because Slurm
-    runs a job's epilog on its nodes only when the whole job ends. node2 is then clean; node1's
+    (``spank-sif epilog``, the plugin's job_epilog sweep), started by hand in node2's namespaces: as
+    far as Slurm knows the job still runs on node2, so it would run the epilog there only when the
+    whole job ends. node2 is then clean; node1's
     and node3's mappings and mounts are untouched (not even marked for deferred removal) and keep
     serving their tasks until the job is cancelled, when their own teardown and the job epilog
     remove them."""

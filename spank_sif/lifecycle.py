@@ -85,16 +85,15 @@ def parse_session_name(name: str) -> tuple[str, str] | None:
     return (match["job"], match["tag"]) if match else None
 
 
-def _own_lost_mappings(jid: str | None = None, known=frozenset()) -> list[str]:
-    """Active mappings with this node's tag (of job id ``jid`` if given) that no record names:
-    what the sweeps remove without a record. Another node's mapping on a shared kernel is never
-    one of them, whatever its job."""
+def _own_lost_mappings(jid: str | None = None, known=frozenset()) -> list[tuple[str, str]]:
+    """(name, job id) of the active mappings with this node's tag (of job id ``jid`` if given)
+    that no record names: what the sweeps remove without a record. Another node's mapping on a
+    shared kernel is never one of them, whatever its job."""
     tag, found = node_tag(), []
     for name in dmcrypt.active_names(NAME_PREFIX + (jid or "")):
         parsed = parse_session_name(name)
-        if (parsed and parsed[1] == tag and name not in known
-                and (jid is None or job_id(parsed[0]) == jid)):
-            found.append(name)
+        if parsed and parsed[1] == tag and name not in known and jid in (None, job_id(parsed[0])):
+            found.append((name, job_id(parsed[0])))
     return found
 
 
@@ -348,7 +347,7 @@ def sweep_job(job: str, config: SiteConfig) -> list[str]:
             done += _teardown(state, jid, session)
         except SifError as err:
             first_error = first_error or err
-    for name in _own_lost_mappings(jid):  # this node's mappings whose records were lost
+    for name, _ in _own_lost_mappings(jid):  # this node's mappings whose records were lost
         done.append(f"mapping {name}")
         dmcrypt.deactivate(name)
     state.drop_job_dir(jid)
@@ -422,8 +421,7 @@ def sweep_stale(config: SiteConfig, is_running=job_running_here) -> list[str]:
                 done += _teardown(state, jid, session)
         state.drop_job_dir(jid)
     known = {r.session for r in state.records()}
-    for name in _own_lost_mappings(known=known):  # mappings nobody recorded (or records lost)
-        jid = job_id(parse_session_name(name)[0])
+    for name, jid in _own_lost_mappings(known=known):  # mappings nobody recorded (or records lost)
         if jid.isdigit() and not is_running(jid):
             dmcrypt.deactivate(name)
             done.append(f"mapping {name}")

@@ -150,9 +150,9 @@ def test_killed_stepd_on_one_node_then_its_epilog_cleans_only_that_node(cluster3
     serving their tasks until the job is cancelled, when their own teardown and the job epilog
     remove them."""
     go_on = enc["signals"] / "go-on"
-    job = Srun(cluster3, ["srun", "-N3", "-n6", f"--sif-image={enc['image']}", "sh", "-c",
-                          f'echo "{SEEN}" && while [ ! -e {go_on} ]; do sleep 0.5; done'
-                          f' && echo "{SEEN}"'], enc["key"])
+    script = f'echo "{SEEN}" && while [ ! -e {go_on} ]; do sleep 0.5; done && echo "{SEEN}"'
+    job = Srun(cluster3, ["srun", "-N3", "-n6", f"--sif-image={enc['image']}", "sh", "-c", script],
+               enc["key"])
     victim, others = cluster3.node("node2"), [cluster3.node("node1"), cluster3.node("node3")]
     try:
         nodes = per_node(job.take(6), enc["hello"])

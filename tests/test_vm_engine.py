@@ -425,7 +425,7 @@ def test_sweeps_without_records_leave_another_nodes_mapping_of_the_same_job(ref,
             ours = unlock(config)
             shutil.rmtree(state / "4700")                 # the records are lost
             assert sweep() == [f"mapping {ours}"]
-            assert dmcrypt.active_names("spank-sif-4700.") == [theirs]
+            assert mappings("spank-sif-4700.") == [theirs]
     finally:
         status, done = in_child(_as_node, "other-node", lifecycle.sweep_job, "4700", other)
     assert status == 0 and f"mapping {theirs}" in done, done

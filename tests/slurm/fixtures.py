@@ -50,6 +50,9 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def slurm_cluster3(record_testsuite_property):
     _require_slurm()
+    if os.environ.get("SPANK_SIF_IN_VM") != "1":
+        pytest.skip("the three-node cluster adds a bridge, network namespaces and /etc/hosts lines: "
+                    "it runs only in the VM harness's throwaway guest (SPANK_SIF_VM=force)")
     root = Path(tempfile.mkdtemp(prefix="spank-sif-slurm3-"))
     cluster = MultiNodeCluster(root, nodes=3)
     try:

@@ -103,9 +103,9 @@ class MultiNodeCluster(SlurmCluster):
             (self.root / "spool" / node.name).mkdir(exist_ok=True)
 
     def network(self) -> None:
-        """The bridge, a namespace and veth pair per node, and the names in /etc/hosts. The host's
-        own name goes first, so that whatever resolves it (srun telling nodes where to reach it)
-        gets the bridge's address, the one every node can reach."""
+        """The bridge, a namespace and veth pair per node, and the names in /etc/hosts. (Tasks are
+        told to reach srun at the bridge's address, though the guest's host name resolves to
+        127.0.0.1 first: the order of these lines does not matter.)"""
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE)
         _ip("link", "set", BRIDGE, "up")
@@ -119,7 +119,7 @@ class MultiNodeCluster(SlurmCluster):
         hosts = Path("/etc/hosts")
         self._hosts = hosts.read_text()
         ours = [f"{SUBNET}.1 {self.host}"] + [f"{n.addr} {n.name}" for n in self.nodes]
-        hosts.write_text("\n".join(ours) + "\n" + self._hosts)
+        hosts.write_text(self._hosts + "".join(f"{line}\n" for line in ours))
 
     def start_node(self, node: Node) -> None:
         # `ip netns exec` gives a fresh /sys (for the namespace's network devices), which hides the

@@ -175,9 +175,10 @@ class SlurmCluster:
         if os.environ.get("SPANK_SIF_IN_VM") == "1":
             prepare_vm_node(self.host)
         self.start_controller(users)
-        self.procs["slurmd"] = subprocess.Popen(
-            ["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=self.env(),
-            stdout=open(self.root / "log" / "slurmd.out", "wb"), stderr=subprocess.STDOUT)
+        with open(self.root / "log" / "slurmd.out", "wb") as out:
+            self.procs["slurmd"] = subprocess.Popen(
+                ["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=self.env(),
+                stdout=out, stderr=subprocess.STDOUT)
         self.wait_idle()
 
     def start_controller(self, users=USERS) -> None:
@@ -186,9 +187,10 @@ class SlurmCluster:
         ensure_users(users)
         ensure_munge()
         self.write_configs()
-        self.procs["slurmctld"] = subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env(),
-            stdout=open(self.root / "log" / "slurmctld.out", "wb"), stderr=subprocess.STDOUT)
+        with open(self.root / "log" / "slurmctld.out", "wb") as out:
+            self.procs["slurmctld"] = subprocess.Popen(
+                ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env(),
+                stdout=out, stderr=subprocess.STDOUT)
 
     def wait_idle(self, timeout=60) -> None:
         deadline = time.monotonic() + timeout
@@ -234,7 +236,7 @@ class SlurmCluster:
         CPU (and shares the machine): commands there get more time."""
         timeout = timeout or (300 if os.environ.get("SPANK_SIF_IN_VM") == "1" else 90)
         result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
-                                **self._as_user(user, env, cwd))
+                                check=False, **self._as_user(user, env, cwd))
         if check and result.returncode != 0:
             raise SlurmError(f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result

@@ -15,6 +15,7 @@ What the nodes share is what one kernel cannot split: device-mapper names and lo
 Everything else (configuration files, users, munge, plugstack, site config, running commands as a
 user) is ``SlurmCluster``'s. Needs root and a kernel with network namespaces and veth (the VM).
 """
+import contextlib
 import os
 import re
 import signal
@@ -59,10 +60,10 @@ class Node:
         except OSError:
             return False
 
-    def run(self, argv, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, argv, timeout=None) -> subprocess.CompletedProcess:
         """Run ``argv`` as root on this node (its network, UTS and mount namespaces)."""
         return subprocess.run(["nsenter", "-t", str(self.pid), "-n", "-u", "-m", *argv],
-                              capture_output=True, text=True, **kwargs)
+                              capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _override(conf: str, **settings) -> str:
@@ -128,11 +129,11 @@ class MultiNodeCluster(SlurmCluster):
                   f" && mount -t tmpfs -o mode=0700 spank-sif-state {STATE_DIR}"
                   f" && mount -t tmpfs -o mode=0755 spank-sif-mnt {MOUNT_DIR}"
                   f" && exec slurmd -D -N {node.name} -f {self.conf}")
-        node.proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, "unshare", "--uts", "--mount",
-             "--propagation", "private", "sh", "-c", script],
-            env=self.env(), stdout=open(self.root / "log" / f"slurmd-{node.name}.out", "wb"),
-            stderr=subprocess.STDOUT)
+        with open(self.root / "log" / f"slurmd-{node.name}.out", "wb") as out:
+            node.proc = subprocess.Popen(
+                ["ip", "netns", "exec", node.netns, "unshare", "--uts", "--mount",
+                 "--propagation", "private", "sh", "-c", script],
+                env=self.env(), stdout=out, stderr=subprocess.STDOUT)
         self.procs[node.name] = node.proc
 
     def start(self, users=USERS) -> None:
@@ -151,7 +152,7 @@ class MultiNodeCluster(SlurmCluster):
 
     def node_states(self) -> dict[str, str]:
         out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env(),
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, check=False).stdout
         return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
 
     def wait_idle(self, timeout=120) -> None:
@@ -167,7 +168,7 @@ class MultiNodeCluster(SlurmCluster):
             for name, state in states.items():
                 if state.startswith("drain") or state == "down":
                     subprocess.run(["scontrol", "update", f"NodeName={name}", "State=RESUME"],
-                                   env=self.env(), capture_output=True)
+                                   env=self.env(), capture_output=True, check=False)
             time.sleep(0.3)
         raise SlurmError(f"nodes not idle after {timeout}s ({states}):\n"
                          + "\n".join(self.log(n.name)[-1500:] for n in self.nodes))
@@ -177,7 +178,7 @@ class MultiNodeCluster(SlurmCluster):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             q = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env(), capture_output=True,
-                               text=True)
+                               text=True, check=False)
             if not q.stdout.strip() and set(self.node_states().values()) == {"idle"}:
                 return
             time.sleep(0.3)
@@ -200,8 +201,8 @@ class MultiNodeCluster(SlurmCluster):
     def cleanup(self) -> None:
         self.stop()
         for node in self.nodes:
-            subprocess.run(["ip", "netns", "delete", node.netns], capture_output=True)
-        subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
+            subprocess.run(["ip", "netns", "delete", node.netns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
         if self._hosts is not None:
             Path("/etc/hosts").write_text(self._hosts)
         super().cleanup()
@@ -223,10 +224,8 @@ class MultiNodeCluster(SlurmCluster):
                   if argv.startswith(f"slurmstepd: [{job}.{step}]") and node.owns(pid)]
         victims = stepds + [child for pid in stepds for child in _descendants(pid)]
         for pid in victims:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return victims
 
     # -------------------------------------------------------------- what is left (the system's view)
@@ -272,7 +271,7 @@ def mappings(prefix: str = "spank-sif-") -> list[str]:
 
 def removal_deferred(name: str) -> bool:
     """Whether someone asked device-mapper to remove ``name`` as soon as it is closed."""
-    info = subprocess.run(["dmsetup", "info", name], capture_output=True, text=True).stdout
+    info = subprocess.run(["dmsetup", "info", name], capture_output=True, text=True, check=False).stdout
     return "DEFERRED REMOVE" in info
 
 

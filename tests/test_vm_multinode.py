@@ -97,6 +97,15 @@ class Srun:
             return self.proc.wait()
 
 
+def settle(probe, want, timeout: float = 60):
+    """``probe()`` once it returns ``want`` (killed processes take a moment to go), or its last
+    value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (got := probe()) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
 def per_node(seen: list[str], hello: str) -> dict[str, tuple[str, str]]:
     """node -> (mapping, loop device) from what tasks saw (SEEN); every task must have read the
     image, and all tasks of a node must see the same mapping."""
@@ -160,8 +169,8 @@ def test_killed_stepd_on_one_node_then_its_epilog_cleans_only_that_node(cluster3
         assert mappings() == sorted(name for name, _ in nodes.values())   # held at once
         jid = cluster3.run(["squeue", "-h", "-o", "%i"], user="root").stdout.split()[0]
         assert cluster3.kill_step(victim, jid)
-        time.sleep(1)
-        assert cluster3.node_leftovers(victim) == [f"node2: state {jid}"]   # the crash left it all
+        crashed = [f"node2: state {jid}"]                 # its tasks' mounts went with them
+        assert settle(lambda: cluster3.node_leftovers(victim), crashed) == crashed
         assert nodes["node2"][0] in mappings()
 
         epilog = victim.run([f"{PREFIX}/bin/spank-sif", "epilog", "--job", jid,

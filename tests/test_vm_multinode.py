@@ -7,22 +7,17 @@ dmsetup, each node's own view of its state directory and of its processes' mount
 engine. Jobs run as ``sifuser``; mount mode (``--sif-image``, tasks on the host).
 """
 import os
-import queue
 import shutil
-import subprocess
-import threading
-import time
 
 import pytest
 
 import mpi
 from slurm.fixtures import slurm_cluster3  # noqa: F401
-from slurm.multinode import loops_under, mappings, removal_deferred
-from spank_sif import lifecycle
+from slurm.multinode import (NODES, Srun, check_own_mappings, loops_under, mappings, removal_deferred,
+                             settle)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slurm, pytest.mark.root]
 
-NODES = ("node1", "node2", "node3")
 PREFIX = os.environ.get("SPANK_SIF_PREFIX", "/opt/spank-sif")
 # What a task sees, asked of the system: "<node>,<device-mapper name>,<loop device>,<the image's
 # /hello.txt>" for the device mounted at $SIF_IMAGE_ROOT (its name and the loop device under it).
@@ -60,52 +55,6 @@ def cluster3(slurm_cluster3, enc):
     cluster.wait_jobs_done()
 
 
-class Srun:
-    """A background srun whose output lines are read by threads, so that waiting for them can
-    time out (an srun can hang when a node's slurmstepd is gone)."""
-
-    def __init__(self, cluster, argv, env):
-        self.proc = cluster.spawn(argv, env=env)
-        self.lines, self.errors = queue.Queue(), []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def take(self, count: int, timeout: float = 300) -> list[str]:
-        lines, deadline = [], time.monotonic() + timeout
-        while len(lines) < count:
-            try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                raise AssertionError(f"srun printed {lines}, then nothing (exit {self.proc.poll()}):\n"
-                                     + "".join(self.errors))
-            lines.append(line)
-        return lines
-
-    def finish(self, timeout: float = 300) -> int:
-        """Its exit status; killed if it does not end in time."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def settle(probe, want, timeout: float = 60):
-    """``probe()`` once it returns ``want`` (killed processes take a moment to go), or its last
-    value after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while (got := probe()) != want and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return got
-
-
 def per_node(seen: list[str], hello: str) -> dict[str, tuple[str, str]]:
     """node -> (mapping, loop device) from what tasks saw (SEEN); every task must have read the
     image, and all tasks of a node must see the same mapping."""
@@ -116,16 +65,6 @@ def per_node(seen: list[str], hello: str) -> dict[str, tuple[str, str]]:
         views.setdefault(words[0], set()).add((words[1], words[2]))
     assert all(len(v) == 1 for v in views.values()), views
     return {node: v.pop() for node, v in views.items()}
-
-
-def check_own_mappings(nodes: dict[str, tuple[str, str]]) -> None:
-    """Three nodes, each with a mapping and a loop device of its own, named by that node."""
-    assert sorted(nodes) == list(NODES)
-    names = [name for name, _ in nodes.values()]
-    loops = [loop for _, loop in nodes.values()]
-    assert len(set(names)) == 3 and len(set(loops)) == 3, nodes
-    for node, (name, _) in nodes.items():
-        assert lifecycle.parse_session_name(name)[1] == lifecycle.node_tag(node), (node, name)
 
 
 def test_mpi_step_on_three_nodes_at_once_each_with_its_own_mapping(cluster3, enc):

@@ -17,9 +17,11 @@ user) is ``SlurmCluster``'s. Needs root and a kernel with network namespaces and
 """
 import contextlib
 import os
+import queue
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -231,12 +233,18 @@ class MultiNodeCluster(SlurmCluster):
     # -------------------------------------------------------------- what is left (the system's view)
 
     def node_leftovers(self, node: Node) -> list[str]:
-        """What only this node has: job directories in its state directory, and mounts at its mount
-        point in any mount namespace of its processes (slurmd's, stepds', tasks')."""
+        """What only this node has: job directories in its state directory, and mounts in any mount
+        namespace of its processes (slurmd's, stepds', tasks'): at its mount point (mount mode) or of
+        a spank-sif mapping anywhere (a container's root is not at the mount point)."""
         found = [f"{node.name}: state {p.name}" for p in _dirs(node.path(STATE_DIR))]
         found += [f"{node.name}: mount in the namespace of pid {pid}" for pid, _ in _processes()
-                  if node.owns(pid) and _mounts_at(pid, self.mount_point)]
+                  if node.owns(pid) and (_mounts_at(pid, self.mount_point) or _mapped_mounts(pid))]
         return found
+
+    def mounted_mappings(self, node: Node) -> set[str]:
+        """The spank-sif mappings mounted in any mount namespace of this node's processes, named
+        by the kernel (each mount's device number, looked up in sysfs)."""
+        return {name for pid, _ in _processes() if node.owns(pid) for name in _mapped_mounts(pid)}
 
     def leftovers(self) -> list[str]:
         """Every node's leftovers, and what the kernel holds for all: spank-sif mappings, loop
@@ -323,9 +331,90 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _mapped_mounts(pid: int) -> set[str]:
+    """Names of the spank-sif mappings that process ``pid``'s mount namespace has mounts of."""
+    names = set()
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            devices = {line.split()[2] for line in f}
+    except OSError:
+        return names
+    for device in devices:
+        try:
+            name = Path(f"/sys/dev/block/{device}/dm/name").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("spank-sif-"):
+            names.add(name)
+    return names
+
+
 def _mounts_at(pid: int, target: str) -> bool:
     try:
         with open(f"/proc/{pid}/mountinfo") as f:
             return any(line.split()[4] == target for line in f)
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------ jobs across the nodes
+
+NODES = ("node1", "node2", "node3")
+
+
+class Srun:
+    """A background srun whose output lines are read by threads, so that waiting for them can
+    time out (an srun can hang when a node's slurmstepd is gone)."""
+
+    def __init__(self, cluster: SlurmCluster, argv, env):
+        self.proc = cluster.spawn(argv, env=env)
+        self.lines, self.errors = queue.Queue(), []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.errors.extend(self.proc.stderr), daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def take(self, count: int, timeout: float = 300) -> list[str]:
+        lines, deadline = [], time.monotonic() + timeout
+        while len(lines) < count:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                raise AssertionError(f"srun printed {lines}, then nothing (exit {self.proc.poll()}):\n"
+                                     + "".join(self.errors))
+            lines.append(line)
+        return lines
+
+    def finish(self, timeout: float = 300) -> int:
+        """Its exit status; killed if it does not end in time."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def settle(probe, want, timeout: float = 60):
+    """``probe()`` once it returns ``want`` (killed processes take a moment to go), or its last
+    value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (got := probe()) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+def check_own_mappings(nodes: dict[str, tuple[str, str]]) -> None:
+    """``nodes``: node -> (mapping, loop device) as its tasks saw them. Three nodes, each with a
+    mapping and a loop device of its own, named with that node's tag."""
+    from spank_sif import lifecycle
+    assert sorted(nodes) == list(NODES)
+    names = [name for name, _ in nodes.values()]
+    loops = [loop for _, loop in nodes.values()]
+    assert len(set(names)) == 3 and len(set(loops)) == 3, nodes
+    for node, (name, _) in nodes.items():
+        assert lifecycle.parse_session_name(name)[1] == lifecycle.node_tag(node), (node, name)

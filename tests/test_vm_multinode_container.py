@@ -6,6 +6,8 @@ the kernel from inside their containers (the device under the image's files, nam
 left is asked of the system from outside (sysfs, dmsetup, each node's state directory and its
 processes' mount tables), never of the engine. Mount mode on the same cluster: test_vm_multinode.py.
 """
+import contextlib
+
 import pytest
 
 import container_images
@@ -38,7 +40,8 @@ def image(slurm_cluster3):
     d = slurm_cluster3.root / "enc-container"
     d.mkdir(mode=0o755, exist_ok=True)
     squashfs = container_images.build_squashfs(d, "container", programs=(mpi.pmi2_allgather(),))
-    payload = reftools.luks_encrypt_payload(squashfs, d / "payload.luks", PASSPHRASE)
+    with contextlib.chdir(d):  # cryptsetup reencrypt writes a temporary header in its cwd
+        payload = reftools.luks_encrypt_payload(squashfs, d / "payload.luks", PASSPHRASE)
     return write_image(d / "enc.sif", payload.read_bytes(), sif.FsType.ENCRYPTED_SQUASHFS)
 
 

@@ -16,7 +16,9 @@ Every object is recorded in the state directory *before* it is created and the r
 once the object is gone, so a process killed at any point leaves records a sweep can act on.
 """
 import contextlib
+import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -30,6 +32,7 @@ from spank_sif.secret import Secret
 from spank_sif.state import Record, StateDir, check_label, job_id
 
 NAME_PREFIX = "spank-sif-"
+_SESSION_NAME = re.compile(rf"{NAME_PREFIX}(?P<job>.+)-(?P<tag>[0-9a-f]{{8}})-[0-9a-f]{{8}}")
 # Order of teardown: what uses an object goes before the object.
 TEARDOWN_ORDER = ("hold", "mount", "mapping", "loop", "session")
 
@@ -68,9 +71,40 @@ def _checkpoint(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def node_tag(host: str | None = None) -> str:
+    """Eight hex digits naming this node (a hash of its host name) in mapping names.
+
+    Device-mapper names are global to a kernel. On a cluster each node has its own kernel; where
+    several nodes share one (each with its own host name, as in the test suite's multi-node
+    cluster), the tag keeps one node's sweeps of lost records off the others' mappings of the
+    same job.
+    """
+    host = os.uname().nodename if host is None else host
+    return hashlib.sha256(host.encode()).hexdigest()[:8]
+
+
 def session_name(job: str) -> str:
+    """``spank-sif-<job>-<node tag>-<8 random hex>``: also the mapping's name."""
     # os.urandom, not the secrets module: every job step would pay for importing it.
-    return f"{NAME_PREFIX}{check_label(job, 'job label')}-{os.urandom(4).hex()}"
+    return f"{NAME_PREFIX}{check_label(job, 'job label')}-{node_tag()}-{os.urandom(4).hex()}"
+
+
+def parse_session_name(name: str) -> tuple[str, str] | None:
+    """(job label, node tag) of a name ``session_name`` made; None for any other name."""
+    match = _SESSION_NAME.fullmatch(name)
+    return (match["job"], match["tag"]) if match else None
+
+
+def _own_lost_mappings(jid: str | None = None, known=frozenset()) -> list[tuple[str, str]]:
+    """(name, job id) of the active mappings with this node's tag (of job id ``jid`` if given)
+    that no record names: what the sweeps remove without a record. Another node's mapping on a
+    shared kernel is never one of them, whatever its job."""
+    tag, found = node_tag(), []
+    for name in dmcrypt.active_names(NAME_PREFIX + (jid or "")):
+        parsed = parse_session_name(name)
+        if parsed and parsed[1] == tag and name not in known and jid in (None, job_id(parsed[0])):
+            found.append((name, job_id(parsed[0])))
+    return found
 
 
 # ---------------------------------------------------------------- unlock
@@ -421,10 +455,7 @@ def sweep_job(job: str, config: SiteConfig) -> list[str]:
             done += _teardown(state, jid, session)
         except SifError as err:
             first_error = first_error or err
-    for name in dmcrypt.active_names(f"{NAME_PREFIX}{jid}."):  # mappings whose records were lost
-        done.append(f"mapping {name}")
-        dmcrypt.deactivate(name)
-    for name in dmcrypt.active_names(f"{NAME_PREFIX}{jid}-"):
+    for name, _ in _own_lost_mappings(jid):  # this node's mappings whose records were lost
         done.append(f"mapping {name}")
         dmcrypt.deactivate(name)
     state.drop_job_dir(jid)
@@ -498,9 +529,8 @@ def sweep_stale(config: SiteConfig, is_running=job_running_here) -> list[str]:
                 done += _teardown(state, jid, session)
         state.drop_job_dir(jid)
     known = {r.session for r in state.records()}
-    for name in dmcrypt.active_names(NAME_PREFIX):  # mappings nobody recorded (or records lost)
-        jid = job_id(name[len(NAME_PREFIX):].rsplit("-", 1)[0])
-        if name not in known and jid.isdigit() and not is_running(jid):
+    for name, jid in _own_lost_mappings(known=known):  # mappings nobody recorded (or records lost)
+        if jid.isdigit() and not is_running(jid):
             dmcrypt.deactivate(name)
             done.append(f"mapping {name}")
     return done

@@ -65,7 +65,7 @@ def test_open_list_close_leaves_nothing(site):
     proc = _open(site)
     assert proc.returncode == 0, proc.stderr
     name = proc.stdout.strip()
-    assert name.startswith("spank-sif-cli-")
+    assert name.startswith(f"spank-sif-cli-{lifecycle.node_tag()}-")
     target = site["target"]
     assert (target / "hello.txt").read_bytes() == FILES["hello.txt"]
     assert (target / "opt/data.bin").read_bytes() == FILES["opt/data.bin"]
@@ -94,7 +94,7 @@ def test_close_by_name_and_epilog_sweeps_a_job(site, tmp_path):
     first = _open(site, "--job", "4242.0")
     other = _open(site, "--job", "4242.1", target=second)
     assert first.returncode == 0 and other.returncode == 0, first.stderr + other.stderr
-    assert first.stdout.startswith("spank-sif-4242.0-")
+    assert first.stdout.startswith(f"spank-sif-4242.0-{lifecycle.node_tag()}-")
     assert cli("close", first.stdout.strip(), "--config", site["config"]).returncode == 0
     assert not (site["target"] / "hello.txt").exists()
     assert (second / "hello.txt").exists()

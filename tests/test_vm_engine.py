@@ -458,3 +458,39 @@ def test_release_with_a_busy_mapping_defers_removal(ref, site, tmp_path):
     while mappings(unlocked.session) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftovers(ref.fast_pass_4k, state) == []
+
+
+def _as_node(host: str, fn, *args):
+    """In a forked child: become another node on this kernel (a UTS namespace of its own with the
+    host name ``host``), then call ``fn``."""
+    import ctypes
+    import socket
+    if ctypes.CDLL(None, use_errno=True).unshare(0x04000000) != 0:  # CLONE_NEWUTS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+    socket.sethostname(host)
+    return fn(*args)
+
+
+def test_sweeps_without_records_leave_another_nodes_mapping_of_the_same_job(ref, site, tmp_path):
+    """Two nodes share this kernel, each with a mapping of job 4700 and a state directory of its
+    own. This node's records are lost: its sweeps find its own mapping by name (the node tag) and
+    never touch the other node's, which its own epilog removes."""
+    config, state = site
+    other = config._replace(state_dir=str(tmp_path / "other-node-state"))
+
+    def unlock(cfg) -> str:
+        return lifecycle.unlock(str(ref.fast_pass_4k), _user(), _env(ref, "pass"), "4700.0", cfg).session
+
+    status, theirs = in_child(_as_node, "other-node", unlock, other)
+    assert status == 0, theirs
+    try:
+        for sweep in (lambda: lifecycle.sweep_stale(config, is_running=lambda jid: False),
+                      lambda: lifecycle.sweep_job("4700", config)):
+            ours = unlock(config)
+            shutil.rmtree(state / "4700")                 # the records are lost
+            assert sweep() == [f"mapping {ours}"]
+            assert mappings("spank-sif-4700.") == [theirs]
+    finally:
+        status, done = in_child(_as_node, "other-node", lifecycle.sweep_job, "4700", other)
+    assert status == 0 and f"mapping {theirs}" in done, done
+    assert leftovers(ref.fast_pass_4k, state) == []

@@ -188,18 +188,23 @@ class SlurmCluster:
         """Start the daemons (after creating the test ``users`` where missing)."""
         if os.environ.get("SPANK_SIF_IN_VM") == "1":
             prepare_vm_node(self.host)
+        self.start_controller(users)
+        with open(self.root / "log" / "slurmd.out", "wb") as out:
+            self.procs["slurmd"] = subprocess.Popen(
+                ["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=self.env(),
+                stdout=out, stderr=subprocess.STDOUT)
+        self.wait_idle()
+
+    def start_controller(self, users=USERS) -> None:
+        """The test ``users`` (where missing), munge, the configuration files and slurmctld: what
+        the nodes need first."""
         ensure_users(users)
         ensure_munge()
         self.write_configs()
-        env = self.env()
-        logs = self.root / "log"
-        self.procs["slurmctld"] = subprocess.Popen(
-            ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=env,
-            stdout=open(logs / "slurmctld.out", "wb"), stderr=subprocess.STDOUT)
-        self.procs["slurmd"] = subprocess.Popen(
-            ["slurmd", "-D", "-f", str(self.conf), "-N", self.host], env=env,
-            stdout=open(logs / "slurmd.out", "wb"), stderr=subprocess.STDOUT)
-        self.wait_idle()
+        with open(self.root / "log" / "slurmctld.out", "wb") as out:
+            self.procs["slurmctld"] = subprocess.Popen(
+                ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env(),
+                stdout=out, stderr=subprocess.STDOUT)
 
     def wait_idle(self, timeout=60) -> None:
         deadline = time.monotonic() + timeout
@@ -244,18 +249,28 @@ class SlurmCluster:
         """Run a Slurm command as ``user``; returns the CompletedProcess (text). The VM emulates its
         CPU (and shares the machine): commands there get more time."""
         timeout = timeout or (300 if os.environ.get("SPANK_SIF_IN_VM") == "1" else 90)
-        entry = pwd.getpwnam(user)
-        groups = [g.gr_gid for g in grp.getgrall() if user in g.gr_mem]
-        full_env = self.env(user)
-        full_env.update(env or {})
-        result = subprocess.run(
-            argv, env=full_env, cwd=cwd or entry.pw_dir, input=input, capture_output=True,
-            text=True, timeout=timeout,
-            **({} if user == "root" else {"user": entry.pw_uid, "group": entry.pw_gid,
-                                          "extra_groups": groups}))
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                                check=False, **self._as_user(user, env, cwd))
         if check and result.returncode != 0:
             raise SlurmError(f"{argv} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result
+
+    def spawn(self, argv, user="sifuser", env=None, cwd=None) -> subprocess.Popen:
+        """Start a Slurm command as ``user`` in the background; stdout and stderr are pipes (text)."""
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **self._as_user(user, env, cwd))
+
+    def _as_user(self, user: str, env, cwd) -> dict:
+        """subprocess arguments that run a command as ``user`` (uid, gid, groups), with this
+        cluster's environment plus ``env``, in ``cwd`` (default: the user's home)."""
+        entry = pwd.getpwnam(user)
+        full_env = self.env(user)
+        full_env.update(env or {})
+        kwargs = {"env": full_env, "cwd": cwd or entry.pw_dir}
+        if user != "root":
+            kwargs.update(user=entry.pw_uid, group=entry.pw_gid,
+                          extra_groups=[g.gr_gid for g in grp.getgrall() if user in g.gr_mem])
+        return kwargs
 
     def log(self, name: str) -> str:
         path = self.root / "log" / f"{name}.log"

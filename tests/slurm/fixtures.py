@@ -1,6 +1,8 @@
 """pytest fixtures and checks for the real-Slurm tests (host and VM).
 
 ``slurm_cluster``: one single-node Slurm per test session, the installed plugin in its plugstack.
+``slurm_cluster3``: three Slurm nodes on the VM's one kernel (slurm/multinode.py), one per test module
+(two at once cannot share the VM's network set-up).
 ``plain_images``: small SIF images made here (squashfs, no dm-crypt needed) in a world-readable dir.
 ``leftovers(cluster)``: whatever a job left on the node (loop devices, mounts, mappings, records).
 ``buggy_python``: the plugin's Python with a bug injected into the callback it is told to break
@@ -19,6 +21,7 @@ import pytest
 import reftools
 from engine_helpers import mappings
 from slurm import SlurmCluster
+from slurm.multinode import MultiNodeCluster
 from spank_sif import sif
 from spank_sif.callbacks import INTERNAL_ERROR, INTERNAL_ERROR_SUBMIT
 
@@ -42,6 +45,26 @@ def slurm_cluster():
     cluster = SlurmCluster(root)
     try:
         cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+# Module scope: a session fixture imported into two modules would be set up once per module and
+# kept until the session ends, so two clusters would claim the same bridge and namespaces.
+@pytest.fixture(scope="module")
+def slurm_cluster3(request, record_testsuite_property):
+    _require_slurm()
+    if os.environ.get("SPANK_SIF_IN_VM") != "1":
+        pytest.skip("the three-node cluster adds a bridge, network namespaces and /etc/hosts lines: "
+                    "it runs only in the VM harness's throwaway guest (SPANK_SIF_VM=force)")
+    root = Path(tempfile.mkdtemp(prefix="spank-sif-slurm3-"))
+    cluster = MultiNodeCluster(root, nodes=3)
+    try:
+        cluster.start()
+        # In the JUnit report (the VM run's vm.xml): how long the cluster took to start.
+        record_testsuite_property(f"slurm_cluster3_start_seconds {request.module.__name__}",
+                                  f"{cluster.setup_seconds:.1f}")
         yield cluster
     finally:
         cluster.cleanup()

@@ -296,9 +296,12 @@ def write_module_seconds(junit: Path, out: Path, root: Path) -> None:
 
 
 def prepare_host_for_fixtures() -> Path:
-    """Build the reference SIF tools here (Go under emulation is slow) and share the fixture cache."""
+    """Build the reference SIF tools and the MPI test programs here (compilers under emulation are
+    slow) and share the fixture cache."""
+    import mpi
     import reftools
     reftools.reftools()
+    mpi.pmi2_allgather()
     return fixtures.prepare_cache()
 
 

@@ -74,6 +74,31 @@ def test_attach_exposes_exactly_the_partition_read_only(backing):
     assert str(dev.path) not in loops_backed_by(path)
 
 
+def test_the_loop_device_is_read_only_even_over_a_writable_descriptor(backing):
+    """Read-only is the loop device's own flag, not only what a read-only descriptor implies: over a
+    descriptor opened for writing, the device is still read-only and refuses root's write."""
+    path, _, body = backing
+    writable = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        dev = loop.attach(writable, HEAD, BODY, str(path))
+    finally:
+        os.close(writable)
+    try:
+        ro = subprocess.run(["blockdev", "--getro", dev.path], capture_output=True, text=True, check=True)
+        assert ro.stdout.strip() == "1"
+        with pytest.raises(OSError) as err:
+            wfd = os.open(dev.path, os.O_WRONLY)
+            try:
+                os.write(wfd, b"x" * 512)
+                os.fsync(wfd)
+            finally:
+                os.close(wfd)
+        assert err.value.errno in (errno.EROFS, errno.EPERM, errno.EACCES)
+        assert path.read_bytes()[HEAD:HEAD + BODY] == body
+    finally:
+        dev.close()
+
+
 def test_parallel_attaches_get_distinct_devices(backing):
     path, fd, _ = backing
     devices = [loop.attach(fd, HEAD, BODY) for _ in range(4)]

@@ -86,6 +86,43 @@ def test_the_mapping_is_read_only(images, site):
     assert leftovers(image, state) == []
 
 
+def test_the_mapping_is_read_only_even_over_a_writable_device(images, tmp_path):
+    """The activation's own read-only flag, without the layers under it: over a writable loop device
+    (made here, not by the engine) on a writable copy, the mapping the engine activates is read-only
+    and refuses root's write; the copy is unchanged."""
+    from spank_sif import dmcrypt, libcryptsetup, sif
+    from spank_sif.secret import Secret
+    copy = tmp_path / "writable.sif"
+    shutil.copyfile(images["pass"], copy)
+    before = _sha256(copy)
+    fd = os.open(copy, os.O_RDWR)
+    part = sif.read_sif(fd).primary_partition()
+    loop_dev = subprocess.run(["losetup", "-f", "--show", "-o", str(part.offset), "--sizelimit", str(part.size),
+                               str(copy)], capture_output=True, text=True, check=True).stdout.strip()
+    name = f"spank-sif-rwtest-{os.getpid()}"
+    try:
+        assert subprocess.run(["blockdev", "--getro", loop_dev], capture_output=True, text=True,
+                              check=True).stdout.strip() == "0"  # the layer under it is writable
+        with libcryptsetup.Header(fd, part.offset, part.size) as header, \
+                Secret(bytearray(images["passphrase"].encode())) as secret:
+            device = dmcrypt.activate(header, loop_dev, name, secret.value)
+        assert subprocess.run(["blockdev", "--getro", device], capture_output=True, text=True,
+                              check=True).stdout.strip() == "1"
+        with pytest.raises(OSError) as refused:
+            wfd = os.open(device, os.O_WRONLY | os.O_DIRECT)
+            try:
+                os.write(wfd, bytes(4096))
+                os.fsync(wfd)
+            finally:
+                os.close(wfd)
+        assert refused.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM), refused.value
+    finally:
+        dmcrypt.deactivate(name)
+        subprocess.run(["losetup", "-d", loop_dev], check=False)
+        os.close(fd)
+    assert _sha256(copy) == before
+
+
 # ------------------------------------------------------------------ guarantee 9: lost records
 
 def test_a_mapping_whose_records_were_lost_is_swept_by_the_job_epilog(images, site):

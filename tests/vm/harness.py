@@ -21,7 +21,7 @@ from pathlib import Path
 
 GUEST_SCRIPT = Path(__file__).resolve().parent / "guest.py"
 GUEST_WORK = "/run/spank-sif-vm"  # a tmpfs in the guest: cryptsetup fails on the 9p-shared directories
-DEFAULT_TIMEOUT = 2700  # the whole VM run; it shares the CPUs with the host tests
+DEFAULT_TIMEOUT = 3600  # each whole VM run; the VMs share the CPUs with each other and the host tests
 MEMORY = "4G"  # cryptsetup's default Argon2id takes up to 1 GiB, half the RAM at most
 CPUS = 2
 KERNEL_VARIABLE = "SPANK_SIF_VM_KERNEL"

@@ -14,7 +14,7 @@ as they are.
 
 Environment: ``SPANK_SIF_VM`` = ``auto`` (default) | ``off`` (skip vm tests unless this machine has
 dm-crypt; failures in strict mode) | ``force`` (use the VM even if this machine has dm-crypt);
-``SPANK_SIF_VM_TIMEOUT`` (seconds for the whole VM run, default 2700). See docs/testing.md.
+``SPANK_SIF_VM_TIMEOUT`` (seconds for the whole VM run, default 3600). See docs/testing.md.
 """
 import json
 import os

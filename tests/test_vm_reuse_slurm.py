@@ -92,7 +92,7 @@ def test_a_batch_job_of_many_steps_unlocks_once_and_only_for_the_same_file_and_k
 date +%s; {sh} batch
 for i in 1 2 3 4; do srun -n1 {sh} step$i; date +%s; done
 srun -n4 {sh} tasks; date +%s
-APPTAINER_ENCRYPTION_PASSPHRASE=wrong srun -n1 {sh} wrong-key 2> {work}/wrong.err; echo "wrong-key exit $?"
+APPTAINER_ENCRYPTION_PASSPHRASE=wrong srun -n1 {sh} wrong-key 2> {work}/wrong-key.err; echo "wrong-key exit $?"
 env -u APPTAINER_ENCRYPTION_PASSPHRASE srun -n1 {sh} no-key 2> {work}/no-key.err; echo "no-key exit $?"
 sleep 0.1; touch {img}; srun -n1 {sh} touched
 cp {img} {img}.new && mv {img}.new {img}; srun -n1 {sh} replaced

@@ -97,10 +97,15 @@ class FakeItem:
      [["tests/test_unknown_a.py"], ["tests/test_unknown_b.py", "tests/test_unknown_c.py"]]),
     ([("tests/test_vm_harness.py", 2)], 3, [["tests/test_vm_harness.py"], [], []]),
 ])
-def test_vm_tests_are_shared_out_by_whole_modules(modules, count, groups):
+def test_vm_tests_are_shared_out_by_whole_modules(modules, count, groups, tmp_path, monkeypatch):
     """Whole modules (their fixtures are built once per VM), the costliest first into the least loaded
     VM (durations.json; unknown modules by their number of tests), collection order kept in each."""
+    from vm import plugin
     from vm.plugin import split_by_module
+    durations = tmp_path / "durations.json"
+    durations.write_text('{"tests/test_vm_kdf.py": 700, "tests/test_vm_engine.py": 330, '
+                         '"tests/test_vm_slurm.py": 370}')
+    monkeypatch.setattr(plugin, "DURATIONS", durations)
     items = [FakeItem(f"{module}::test_{i}") for module, n in modules for i in range(n)]
     shards = split_by_module(items, count)
     assert [sorted({item.nodeid.split("::")[0] for item in shard}, key=[m for m, _ in modules].index)

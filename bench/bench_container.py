@@ -13,7 +13,7 @@ image's environment scripts): both run the same program from the same freshly mo
 reading it from the image (squashfs decompresses it anew for each step) counts on both sides.
 Container vs "mount, host true" is the whole difference a user sees. Target: under 20 ms per task.
 
-    /opt/spank-sif/bin/python3 bench/bench_container.py [--rounds 20] [--tasks 1 4]
+    <prefix>/bin/python3 bench/bench_container.py [--rounds 20] [--tasks 1 4]
 """
 import argparse
 import os

@@ -11,7 +11,7 @@
 
 Runs alternate between the variants, so drift on a shared machine hits both alike.
 
-    /opt/spank-sif/bin/python3 bench/bench_srun.py [--rounds 30]
+    <prefix>/bin/python3 bench/bench_srun.py [--rounds 30]
 """
 import argparse
 import os

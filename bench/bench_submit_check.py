@@ -9,7 +9,7 @@ single-node Slurm (as root): off vs fast vs full, wall time and the command's pe
 Variants alternate round by round, so drift on a shared machine hits them alike; held jobs are
 cancelled as they come. Ratios are of medians, against `off`.
 
-    /opt/spank-sif/bin/python3 bench/bench_submit_check.py [--rounds 5]
+    <prefix>/bin/python3 bench/bench_submit_check.py [--rounds 5]
 """
 import argparse
 import os

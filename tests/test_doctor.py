@@ -25,7 +25,7 @@ from spank_sif.cli.doctor import EPILOG
 from spank_sif.errors import ConfigError, StateError, SystemSetupError
 from slurm.fixtures import cluster, slurm_cluster  # noqa: F401 - pytest fixtures
 
-PREFIX = os.environ.get("SPANK_SIF_PREFIX", "/opt/spank-sif")
+from slurm import PREFIX
 SPANK_SIF = os.path.join(PREFIX, "bin", "spank-sif")
 NAMES = ["kernel", "device-mapper", "loop", "libcryptsetup", "cryptsetup", "plugin", "plugstack",
          "config", "state-dir", "mount-point", "python"]

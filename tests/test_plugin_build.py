@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-PREFIX = os.environ.get("SPANK_SIF_PREFIX", "/opt/spank-sif")
+from slurm import PREFIX
 PYTHON = os.path.join(PREFIX, "bin", "python3")
 
 

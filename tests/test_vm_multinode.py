@@ -6,7 +6,6 @@ node's epilog must remove only what that node made. What is left is asked of the
 dmsetup, each node's own view of its state directory and of its processes' mounts), never of the
 engine. Jobs run as ``sifuser``; mount mode (``--sif-image``, tasks on the host).
 """
-import os
 import shutil
 
 import pytest
@@ -18,7 +17,7 @@ from slurm.multinode import (NODES, Srun, check_own_mappings, loops_under, mappi
 
 pytestmark = [pytest.mark.vm, pytest.mark.slurm, pytest.mark.root]
 
-PREFIX = os.environ.get("SPANK_SIF_PREFIX", "/opt/spank-sif")
+from slurm import PREFIX
 # What a task sees, asked of the system: "<node>,<device-mapper name>,<loop device>,<the image's
 # /hello.txt>" for the device mounted at $SIF_IMAGE_ROOT (its name and the loop device under it).
 SEEN = ('$(hostname),$(cat /sys/dev/block/$(mountpoint -d "$SIF_IMAGE_ROOT")/dm/name)'

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm import PREFIX
 from slurm.fixtures import (assert_one_error, cluster, kill_step, leftovers, slurm_cluster,  # noqa: F401
                             wait_no_leftovers)
 
@@ -188,7 +189,7 @@ srun -n1 --sif-image={img} sh -c '{sh} before; touch {work}/started
         while not (work / "started").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         jid = cluster.run(["squeue", "-h", "-o", "%i"], user="root").stdout.split()[0]
-        epilog = subprocess.run([f"{os.environ.get('SPANK_SIF_PREFIX', '/opt/spank-sif')}/bin/spank-sif", "epilog",
+        epilog = subprocess.run([f"{PREFIX}/bin/spank-sif", "epilog",
                                  "--job", jid, "--config", str(cluster.site_config)],
                                 capture_output=True, text=True, timeout=120, check=False)
         assert epilog.returncode == 0, epilog.stderr

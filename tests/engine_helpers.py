@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 import reftools
 
 USER = "sifuser1"      # the job's user in engine tests (distinct from the plugin tests' users)
@@ -227,3 +229,18 @@ def pem_padded(pem: bytes, size: int) -> bytes:
     """``pem`` after one comment line making ``size`` bytes in all: text before a PEM block is
     ignored by its readers, so the key still works (for the PEM file size cap's tests)."""
     return b"#" * (size - len(pem) - 1) + b"\n" + pem
+
+
+@pytest.fixture
+def site(tmp_path):
+    """(site configuration, state directory) for engine tests: the state directory private to the
+    test; afterwards the CLI's objects and every job the test recorded are swept, so that no test
+    leaves a mapping, loop device or record to the next."""
+    from spank_sif import lifecycle
+    from spank_sif.config import SiteConfig
+    state = tmp_path / "state"
+    config = SiteConfig(state_dir=str(state))
+    yield config, state
+    jobs = {p.name for p in state.iterdir() if p.is_dir()} if state.exists() else set()
+    for job in ["cli", *sorted(jobs - {"cli"})]:
+        lifecycle.sweep_job(job, config)

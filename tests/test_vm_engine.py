@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from engine_helpers import site  # noqa: F401 - a pytest fixture
 from engine_helpers import (OTHER, USER, cli, ensure_users, in_child, in_children, leftovers, mappings,
                             mounted, world_dir, write_config)
 from spank_sif import keys, lifecycle, sif
-from spank_sif.config import SiteConfig
 from spank_sif.userfiles import User
 
 pytestmark = pytest.mark.vm
@@ -52,16 +52,6 @@ def wd():
     path = world_dir("sif-vm-test-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def site(tmp_path):
-    state = tmp_path / "state"
-    config = SiteConfig(state_dir=str(state))
-    yield config, state
-    lifecycle.sweep_job("cli", config)
-    for jid in {p.name for p in state.iterdir()} if state.exists() else ():
-        lifecycle.sweep_job(jid, config)
 
 
 def _user():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from engine_helpers import site  # noqa: F401 - a pytest fixture
 from engine_helpers import USER, ensure_users, in_child, leftovers, mappings, pem_padded, world_dir
 from spank_sif import keys, lifecycle, log
-from spank_sif.config import SiteConfig
 from spank_sif.userfiles import User
 
 pytestmark = pytest.mark.vm
@@ -37,15 +37,6 @@ def images(ref_images):
     copies["raw_key"] = ref_images.pem_key.read_bytes()
     yield copies
     shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def site(tmp_path):
-    state = tmp_path / "state"
-    config = SiteConfig(state_dir=str(state))
-    yield config, state
-    for job in ["cli", *(p.name for p in state.iterdir() if p.is_dir())] if state.exists() else ["cli"]:
-        lifecycle.sweep_job(job, config)
 
 
 def _user() -> User:

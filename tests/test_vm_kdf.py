@@ -20,6 +20,7 @@ import pytest
 
 import luks_cases
 import reftools
+from engine_helpers import site  # noqa: F401 - a pytest fixture
 from engine_helpers import USER, ensure_users, in_child, leftovers, measured, world_dir
 from spank_sif import keys, lifecycle, sif
 from spank_sif.cli import main as cli_main
@@ -58,14 +59,6 @@ def work():
     path = world_dir("sif-vm-kdf-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def site(tmp_path):
-    state = tmp_path / "state"
-    config = SiteConfig(state_dir=str(state))
-    yield config, state
-    lifecycle.sweep_job("cli", config)
 
 
 def _unlock(image: Path, env: dict, config: SiteConfig):

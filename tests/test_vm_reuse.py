@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from engine_helpers import site  # noqa: F401 - a pytest fixture
 from engine_helpers import OTHER, USER, ensure_users, in_child, in_children, leftovers, mappings, world_dir
 from spank_sif import lifecycle
-from spank_sif.config import SiteConfig
 from spank_sif.errors import KeyMaterialError, WrongKeyError
 from spank_sif.userfiles import User
 
@@ -31,15 +31,6 @@ def ref(ref_images):
         (d / source.name).chmod(0o644)
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def site(tmp_path):
-    state = tmp_path / "state"
-    config = SiteConfig(state_dir=str(state))
-    yield config, state
-    for jid in {p.name for p in state.iterdir() if p.is_dir()} if state.exists() else ():
-        lifecycle.sweep_job(jid, config)
 
 
 def _pass(ref: Path) -> dict:

@@ -12,12 +12,11 @@ import pytest
 
 import mpi
 from slurm.fixtures import slurm_cluster3  # noqa: F401
-from slurm.multinode import (NODES, Srun, check_own_mappings, loops_under, mappings, removal_deferred,
-                             settle)
+from slurm.multinode import (NODES, Srun, check_own_mappings, check_untouched, crash_node_and_run_its_epilog,
+                             mappings)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slurm, pytest.mark.root]
 
-from slurm import PREFIX
 # What a task sees, asked of the system: "<node>,<device-mapper name>,<loop device>,<the image's
 # /hello.txt>" for the device mounted at $SIF_IMAGE_ROOT (its name and the loop device under it).
 SEEN = ('$(hostname),$(cat /sys/dev/block/$(mountpoint -d "$SIF_IMAGE_ROOT")/dm/name)'
@@ -105,25 +104,10 @@ def test_killed_stepd_on_one_node_then_its_epilog_cleans_only_that_node(cluster3
         nodes = per_node(job.take(6), enc["hello"])
         check_own_mappings(nodes)
         assert mappings() == sorted(name for name, _ in nodes.values())   # held at once
-        jid = cluster3.run(["squeue", "-h", "-o", "%i"], user="root").stdout.split()[0]
-        assert cluster3.kill_step(victim, jid)
-        crashed = [f"node2: state {jid}"]                 # its tasks' mounts went with them
-        assert settle(lambda: cluster3.node_leftovers(victim), crashed) == crashed
-        assert nodes["node2"][0] in mappings()
-
-        epilog = victim.run([f"{PREFIX}/bin/spank-sif", "epilog", "--job", jid,
-                             "--config", str(cluster3.site_config)], timeout=300)
-        assert epilog.returncode == 0, epilog.stderr
-        assert cluster3.node_leftovers(victim) == []
-        assert nodes["node2"][0] not in mappings()
-        assert nodes["node2"][1] not in [dev for dev, _ in loops_under(cluster3.root)]
+        jid = crash_node_and_run_its_epilog(cluster3, victim, nodes)
         for node in others:
-            name, loop = nodes[node.name]
-            assert name in mappings() and not removal_deferred(name), name
-            assert loop in [dev for dev, _ in loops_under(cluster3.root)]
-            left = cluster3.node_leftovers(node)
-            assert f"{node.name}: state {jid}" in left, left
-            assert any(": mount in" in item for item in left), left
+            check_untouched(cluster3, node, jid, nodes[node.name])
+            assert any(": mount in" in item for item in cluster3.node_leftovers(node)), node
 
         go_on.touch()                                     # the others still read the image
         assert per_node(job.take(4), enc["hello"]) == {n.name: nodes[n.name] for n in others}

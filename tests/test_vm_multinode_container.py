@@ -13,10 +13,9 @@ import pytest
 import container_images
 import mpi
 import reftools
-from slurm import PREFIX
 from slurm.fixtures import slurm_cluster3, write_image  # noqa: F401
-from slurm.multinode import (NODES, Srun, check_own_mappings, loops_under, mappings, removal_deferred,
-                             settle)
+from slurm.multinode import (NODES, Srun, check_own_mappings, check_untouched, crash_node_and_run_its_epilog,
+                             loops_under, mappings)
 from spank_sif import sif
 
 pytestmark = [pytest.mark.vm, pytest.mark.slurm, pytest.mark.root]
@@ -117,24 +116,10 @@ def test_killed_stepd_on_one_node_then_its_epilog_cleans_only_that_node(cluster3
             assert cluster3.mounted_mappings(node) == {name}, node
             assert loops[loop] == str(image), (node, loops)
 
-        jid = cluster3.run(["squeue", "-h", "-o", "%i"], user="root").stdout.split()[0]
-        assert cluster3.kill_step(victim, jid)
-        crashed = [f"node2: state {jid}"]                 # its containers went with their tasks
-        assert settle(lambda: cluster3.node_leftovers(victim), crashed) == crashed
-        assert nodes["node2"][0] in mappings()
-
-        epilog = victim.run([f"{PREFIX}/bin/spank-sif", "epilog", "--job", jid,
-                             "--config", str(cluster3.site_config)], timeout=300)
-        assert epilog.returncode == 0, epilog.stderr
-        assert cluster3.node_leftovers(victim) == []
-        assert nodes["node2"][0] not in mappings()
-        assert nodes["node2"][1] not in dict(loops_under(cluster3.root))
+        jid = crash_node_and_run_its_epilog(cluster3, victim, nodes)
         for node in others:
-            name, loop = nodes[node.name]
-            assert name in mappings() and not removal_deferred(name), name
-            assert loop in dict(loops_under(cluster3.root))
-            assert cluster3.mounted_mappings(node) == {name}, node
-            assert f"{node.name}: state {jid}" in cluster3.node_leftovers(node)
+            check_untouched(cluster3, node, jid, nodes[node.name])
+            assert cluster3.mounted_mappings(node) == {nodes[node.name][0]}, node
 
         go_on.touch()                                     # the others still read the image
         assert per_node(job.take(4)) == {n.name: nodes[n.name] for n in others}

@@ -25,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from slurm import USERS, SlurmCluster, SlurmError, prepare_vm_node
+from engine_helpers import mappings  # noqa: F401 - the tests' one view of the kernel's mappings
+from slurm import PREFIX, USERS, SlurmCluster, SlurmError, prepare_vm_node
 
 BRIDGE = "sifbr0"
 SUBNET = "10.77.0"
@@ -264,19 +265,6 @@ class MultiNodeCluster(SlurmCluster):
         return left
 
 
-def mappings(prefix: str = "spank-sif-") -> list[str]:
-    """Names of the kernel's device-mapper devices (sysfs)."""
-    names = []
-    for entry in Path("/sys/block").glob("dm-*/dm/name"):
-        try:
-            name = entry.read_text().strip()
-        except OSError:
-            continue
-        if name.startswith(prefix):
-            names.append(name)
-    return sorted(names)
-
-
 def removal_deferred(name: str) -> bool:
     """Whether someone asked device-mapper to remove ``name`` as soon as it is closed."""
     info = subprocess.run(["dmsetup", "info", name], capture_output=True, text=True, check=False).stdout
@@ -418,3 +406,32 @@ def check_own_mappings(nodes: dict[str, tuple[str, str]]) -> None:
     assert len(set(names)) == 3 and len(set(loops)) == 3, nodes
     for node, (name, _) in nodes.items():
         assert lifecycle.parse_session_name(name)[1] == lifecycle.node_tag(node), (node, name)
+
+
+def crash_node_and_run_its_epilog(cluster: "MultiNodeCluster", victim: Node,
+                                  nodes: dict[str, tuple[str, str]]) -> str:
+    """Kill ``victim``'s slurmstepd of the running job, then run that node's epilog by hand (Slurm
+    would run it only when the whole job ends); check that the crash left the node's mapping and
+    records and that the epilog removed them, loop device included. Returns the job id."""
+    jid = cluster.run(["squeue", "-h", "-o", "%i"], user="root").stdout.split()[0]
+    assert cluster.kill_step(victim, jid)
+    crashed = [f"{victim.name}: state {jid}"]     # its tasks (and their mounts) went with it
+    assert settle(lambda: cluster.node_leftovers(victim), crashed) == crashed
+    name, loop = nodes[victim.name]
+    assert name in mappings()
+    epilog = victim.run([f"{PREFIX}/bin/spank-sif", "epilog", "--job", jid,
+                         "--config", str(cluster.site_config)], timeout=300)
+    assert epilog.returncode == 0, epilog.stderr
+    assert cluster.node_leftovers(victim) == []
+    assert name not in mappings()
+    assert loop not in dict(loops_under(cluster.root))
+    return jid
+
+
+def check_untouched(cluster: "MultiNodeCluster", node: Node, jid: str, mapping: tuple[str, str]) -> None:
+    """``node``'s mapping and loop device of job ``jid`` are still there, not marked for removal,
+    and its records too."""
+    name, loop = mapping
+    assert name in mappings() and not removal_deferred(name), name
+    assert loop in dict(loops_under(cluster.root))
+    assert f"{node.name}: state {jid}" in cluster.node_leftovers(node)
